@@ -1,0 +1,1 @@
+"""Meta-learning algorithms: one module each, all subclasses of `MetaAlgorithm`."""

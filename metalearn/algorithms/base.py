@@ -1,0 +1,82 @@
+"""The interface every meta-learning algorithm implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from metalearn.algorithms.functional import Params, buffers_of, forward_with
+from metalearn.objectives import Objective
+from metalearn.tasks import Task, TaskBatch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Detached metrics of one meta-training step, each a mean over the meta-batch.
+
+    Attributes:
+        meta_loss: query loss after adaptation (the outer objective that was differentiated).
+        meta_loss_pre: query loss before adaptation.
+        score: the objective's headline metric on the query set after adaptation.
+        score_pre: the same metric before adaptation.
+    """
+
+    meta_loss: float
+    meta_loss_pre: float
+    score: float
+    score_pre: float
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """Per-task evaluation results, each a tensor with one value per task."""
+
+    loss: Tensor
+    loss_pre: Tensor
+    score: Tensor
+    score_pre: Tensor
+
+    @staticmethod
+    def cat(parts: list[TaskScores]) -> TaskScores:
+        """Concatenate the per-task values of several evaluations."""
+        return TaskScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("loss", "loss_pre", "score", "score_pre")))
+
+
+class MetaAlgorithm(nn.Module, ABC):
+    """A meta-learner. It owns the model and every meta-parameter, so `parameters()` and
+    `state_dict()` cover all that the outer loop learns.
+
+    Args:
+        model: the base model; never mutated by adaptation.
+        objective: the task family's loss and metric.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    @abstractmethod
+    def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
+        """Run the inner loop on the task's support set; return the adapted parameters."""
+
+    @abstractmethod
+    def meta_train_step(self, batch: TaskBatch) -> StepResult:
+        """Compute the outer objective on `batch` and fill `.grad` of the meta-parameters.
+        Never steps an optimizer."""
+
+    @abstractmethod
+    def evaluate(self, batch: TaskBatch) -> TaskScores:
+        """Adapt to each task without building a graph and score its query set."""
+
+    def predict(self, task: Task, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Predictions on `x` before and after adapting to `task` (for pictures and inspection)."""
+        buffers = buffers_of(self.model)
+        adapted = self.adapt(task)
+        with torch.no_grad():
+            before = self.model(x)
+            after = forward_with(self.model, adapted, buffers, x)
+        return before, after

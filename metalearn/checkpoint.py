@@ -1,0 +1,60 @@
+"""Self-describing checkpoints, written atomically so that a crash never leaves a torn file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not a metalearn checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` atomically: a temporary file in the same directory, fsync, rename.
+
+    A reader sees either the previous complete file or the new complete file, never a partial one,
+    and an interrupted write leaves no temporary file behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`; raise CheckpointError if it cannot be used."""
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={str(path)!r}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as ex:  # torch raises a variety of errors for truncated or foreign files
+        raise CheckpointError(f"ckpt_path={str(path)!r}: unreadable checkpoint ({type(ex).__name__}: {ex})") from ex
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"ckpt_path={str(path)!r}: not a metalearn checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def run_dir_of(ckpt_path: Path) -> Path:
+    """The run directory a checkpoint (or a run directory given directly) belongs to."""
+    if ckpt_path.is_dir() or ckpt_path.suffix != ".pt":
+        return ckpt_path
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def checkpoint_in(path: Path) -> Path:
+    """Resolve a run directory to its `checkpoints/last.pt`; a file path is returned unchanged."""
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path

@@ -1,0 +1,36 @@
+"""Argument checks shared by constructors. Messages start with `name=value` so that callers that
+know the config path can prefix it (`dataset.k_shot=0: must be a positive integer`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def positive_int(name: str, value: int) -> int:
+    """Return `value` if it is an integer >= 1, else raise ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+    return value
+
+
+def non_negative_float(name: str, value: float) -> float:
+    """Return `value` as a float if it is finite and >= 0, else raise ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}: must be a finite number >= 0")
+    return float(value)
+
+
+def interval(name: str, value: Sequence[float]) -> tuple[float, float]:
+    """Return `(low, high)` if `value` is a pair with low <= high, else raise ValueError naming it."""
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2 or not pair[0] <= pair[1]:
+        raise ValueError(f"{name}={list(value)!r}: must be a pair [low, high] with low <= high")
+    return pair[0], pair[1]
+
+
+def one_of(name: str, value: str, options: Sequence[str]) -> str:
+    """Return `value` if it is among `options`, else raise ValueError naming it and the options."""
+    if value not in options:
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(options)}")
+    return value

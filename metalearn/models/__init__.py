@@ -1,0 +1,1 @@
+"""Plain nn.Modules, unaware of meta-learning."""

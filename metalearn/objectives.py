@@ -1,0 +1,53 @@
+"""What a task family asks a model to do: its loss and its headline metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Objective(Protocol):
+    """Loss to train on and the metric to report, both pure tensor functions (safe under vmap)."""
+
+    metric: str
+    higher_is_better: bool
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """Mean loss over the examples of one task."""
+        ...
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """The headline metric of one task (a scalar tensor)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Mean squared error; the reported metric is the MSE itself."""
+
+    metric: str = "mse"
+    higher_is_better: bool = False
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(prediction, target)
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(prediction, target)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Cross-entropy over class logits; the reported metric is accuracy."""
+
+    metric: str = "acc"
+    higher_is_better: bool = True
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(prediction, target)
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return (prediction.argmax(dim=-1) == target).to(torch.float32).mean()

@@ -1,0 +1,111 @@
+"""Tasks, batches of tasks, and the sampler protocol every task family implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from metalearn.objectives import Objective
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: a support set to adapt on and a query set to score the adapted model on."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A meta-batch of tasks: the fields of `Task` with a leading task dimension."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def __post_init__(self) -> None:
+        sizes = {getattr(self, f.name).shape[0] for f in fields(self)}
+        if len(sizes) != 1:
+            raise ValueError(f"TaskBatch fields disagree on the number of tasks: {sorted(sizes)}")
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def __iter__(self) -> Iterator[Task]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, i: int) -> Task:
+        return Task(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        """Return the batch on `device` (non-blocking copies where the source is pinned)."""
+        return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    @staticmethod
+    def cat(batches: Sequence[TaskBatch]) -> TaskBatch:
+        """Concatenate batches along the task dimension."""
+        return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
+
+
+@runtime_checkable
+class TaskSampler(Protocol):
+    """A task distribution: draws meta-batches of tasks for a split from an explicit generator."""
+
+    objective: Objective
+
+    def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
+        """Draw `batch_size` tasks of `split`, using only `generator` for randomness."""
+        ...
+
+
+@runtime_checkable
+class Illustrated(Protocol):
+    """A task family that can draw what an algorithm learned (predictions before/after adaptation)."""
+
+    def illustrate(self, predict: Callable[[Task, Tensor], tuple[Tensor, Tensor]], generator: torch.Generator) -> Figure:
+        """A figure of a few tasks drawn from `generator`; `predict(task, x)` gives (before, after)."""
+        ...
+
+
+def fixed_tasks(sampler: TaskSampler, split: Split, n_tasks: int, seed: int) -> Iterator[Task]:
+    """Yield a fixed, reproducible set of tasks: task `i` is drawn from its own seed.
+
+    Seeding each task separately makes the set independent of how it is later chunked into batches
+    and lets it be regenerated on demand instead of held in memory.
+    """
+    generator = torch.Generator()
+    for i in range(n_tasks):
+        generator.manual_seed(seed * 1_000_003 + i)
+        yield sampler.sample(1, split, generator)[0]
+
+
+def stack_tasks(tasks: Sequence[Task]) -> TaskBatch:
+    """Stack tasks of equal shapes into a batch."""
+    return TaskBatch(*(torch.stack([getattr(t, f.name) for t in tasks]) for f in fields(Task)))
+
+
+def fixed_batches(
+    sampler: TaskSampler, split: Split, n_tasks: int, seed: int, batch_size: int
+) -> Iterator[TaskBatch]:
+    """The fixed task set of `fixed_tasks`, in batches of at most `batch_size` tasks."""
+    chunk: list[Task] = []
+    for task in fixed_tasks(sampler, split, n_tasks, seed):
+        chunk.append(task)
+        if len(chunk) == batch_size:
+            yield stack_tasks(chunk)
+            chunk = []
+    if chunk:
+        yield stack_tasks(chunk)

@@ -1,0 +1,199 @@
+"""The `metalearn` command: compose the configured objects in order, train, test, report.
+
+This is the only module that knows about Hydra and OmegaConf; everything it builds takes plain,
+typed constructor arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
+from metalearn.metrics import query_metric
+from metalearn.trainer import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+def _config_dir() -> str:
+    """`conf/` ships inside the wheel as `metalearn/conf`; in a source checkout it sits beside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"metalearn's configuration directory is missing (looked in {here / 'conf'})")
+
+
+CONFIG_DIR = _config_dir()
+
+
+class ConfigError(ValueError):
+    """A configuration value cannot be used; the message names the key and the value."""
+
+
+@functools.lru_cache(maxsize=None)
+def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
+    """Hydra's run directory: the checkpoint's run when continuing one, else a new timestamped one.
+
+    With `trainer.resume=true` the latest run of the experiment that has `checkpoints/last.pt`
+    is continued in place. Cached so that every resolution within a process agrees.
+    """
+    if ckpt_path:
+        path = Path(ckpt_path)
+        if path.exists():
+            return str(run_dir_of(path))
+    root = Path(base)
+    if resume and root.is_dir():
+        runs = sorted(d for d in root.iterdir() if (d / "checkpoints" / "last.pt").is_file())
+        if runs:
+            return str(runs[-1])
+    candidate, n = root / stamp, 0
+    while candidate.exists():  # two runs started in the same second
+        n += 1
+        candidate = root / f"{stamp}_{n}"
+    return str(candidate)
+
+
+OmegaConf.register_new_resolver("metalearn.run_dir", _run_dir, replace=True)
+
+
+def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`instantiate(node)`, turning a constructor's ValueError/TypeError into a ConfigError naming `key`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as ex:
+        cause = ex.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise _config_error(key, cause) from ex
+        raise
+
+
+def _make(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Build `node`'s target with the given objects wired in explicitly.
+
+    The objects go to the constructor directly, never through `instantiate` (which would turn
+    dataclasses and dicts into configs); a ValueError/TypeError becomes a ConfigError naming `key`.
+    """
+    factory = _build(node, key, _partial_=True)
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as ex:
+        raise _config_error(key, ex) from ex
+
+
+def _config_error(key: str, ex: Exception) -> ConfigError:
+    message = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
+    # Argument checks phrase their messages as `name=value: ...`; prefix the config path to them.
+    return ConfigError(f"{key}.{message}" if re.match(r"^[\w\[\]]+=", message) else f"{key}: {message}")
+
+
+def check_learning_rates(node: Any, path: str = "") -> None:
+    """Every key named `lr` or `*_lr` anywhere in the config must be a finite number >= 0."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = f"{path}.{key}" if path else str(key)
+            if (key == "lr" or str(key).endswith("_lr")) and isinstance(value, (int, float)):
+                if not value >= 0 or value == float("inf"):
+                    raise ConfigError(f"{name}={value}: a learning rate must be a finite number >= 0")
+            check_learning_rates(value, name)
+
+
+def _check_model_fits(model: torch.nn.Module, tasks: Any) -> None:
+    """Fail early, naming the key, if the model's output size does not match the task family's."""
+    probe = tasks.sample(1, "train", torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        out = model(probe.support_x[0])
+    model.train()
+    if out.shape[-1] != tasks.output_size:
+        raise ConfigError(f"model: outputs {out.shape[-1]} values per example but the dataset needs "
+                          f"{tasks.output_size} (set model.out_features={tasks.output_size})")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build dataset, model, algorithm, optimizer, schedule, logger and trainer from `cfg`; train; test."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    check_learning_rates(container)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
+    ckpt_path = checkpoint_in(Path(cfg.ckpt_path)) if cfg.ckpt_path else None
+    if ckpt_path is not None and not ckpt_path.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+
+    torch.manual_seed(cfg.seed)  # model initialisation; task sampling has its own generator
+    tasks = _make(cfg.dataset, "dataset")
+    model = _make(cfg.model, "model")
+    _check_model_fits(model, tasks)
+    algorithm = _make(cfg.algorithm, "algorithm", model=model, objective=tasks.objective)
+    optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
+    scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
+    trainer = _make(
+        cfg.trainer, "trainer", algorithm=algorithm, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
+        logger=_build(cfg.logger, "logger"), output_dir=output_dir, seed=cfg.seed, ckpt_path=ckpt_path,
+        run_config=container,
+    )
+    results = trainer.fit()
+    name = query_metric(tasks.objective.metric)
+    test, n = results["test"], int(results["test"]["tasks"])
+    print(f"Run directory: {output_dir.resolve()}")
+    print(f"test {name}: {test[name]:.4f} ± {test[name + '_ci95']:.4f} (95% CI over {n} tasks; "
+          f"before adaptation {test[name + '_pre']:.4f}; best checkpoint from step {results['best_step']})")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        results = train(cfg)
+    except (ConfigError, CheckpointError, NonFiniteLossError) as ex:
+        log.error("%s", ex)
+        print(f"error: {ex}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as ex:
+        print(f"interrupted: {ex}", file=sys.stderr)
+        sys.exit(130)
+    # Sweepers (e.g. Optuna) optimise the returned value: the best validation metric.
+    return float(results["val"][results["metric"]])
+
+
+def _one_line(ex: BaseException) -> str:
+    """Condense Hydra/OmegaConf's multi-line errors to one line, keeping what names the key or option."""
+    parts: list[str] = []
+    for e in (ex, ex.__cause__):
+        if e is None:
+            continue
+        text = str(e).split("Config search path")[0]
+        parts += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+            ("full_key:", "object_type=", "reference_type="))]
+    return " ".join(dict.fromkeys(parts))
+
+
+def main() -> None:
+    """Console entry point. Configuration errors become one line on stderr and exit status 2."""
+    keep_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's printer
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as ex:
+        if keep_traceback:
+            raise
+        print(f"error: {_one_line(ex)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The meta-training loop: sample -> step -> log -> evaluate -> checkpoint. It names no algorithm."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from metalearn.algorithms.base import MetaAlgorithm, TaskScores
+from metalearn.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.checks import one_of, positive_int
+from metalearn.metrics import (TensorBoardLogger, eval_metrics, lr_metrics, query_metric, speed_metrics,
+                               step_metrics, tag)
+from metalearn.tasks import Illustrated, Split, TaskSampler, fixed_batches
+
+log = logging.getLogger(__name__)
+LoggerFactory = Callable[..., TensorBoardLogger]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The meta-loss or meta-gradient became NaN or infinite."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available, else CPU; `cpu` and `cuda[:N]` are taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    one_of("device", device.split(":")[0], ("auto", "cpu", "cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(device)
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[list[int]]:
+    """Turn the first SIGINT/SIGTERM into a request to stop at the next step boundary, so that the
+    saved state is consistent; a second Ctrl-C interrupts at once."""
+    received: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Meta-trains an algorithm on a task distribution and evaluates it on fixed task sets.
+
+    Args:
+        algorithm: the meta-learner (owns the model and all meta-parameters).
+        tasks: the task distribution.
+        optimizer: the meta-optimizer over `algorithm.parameters()`.
+        logger: builds the TensorBoard logger; receives `purge_step` when resuming.
+        output_dir: the run directory (checkpoints, results, pictures, event files).
+        scheduler: optional learning-rate schedule, stepped once per meta-step.
+        max_steps: meta-training steps.
+        meta_batch_size: tasks per meta-step.
+        eval_every: validate (and maybe write `best.pt`) every this many steps and at the end.
+        log_every: write training scalars every this many steps.
+        checkpoint_every: write `last.pt` every this many steps and at the end.
+        val_tasks / test_tasks: sizes of the fixed validation and test task sets.
+        val_seed / test_seed: seeds of those sets, independent of the run's seed.
+        eval_batch_size: tasks per evaluation batch.
+        grad_clip: clip the meta-gradient norm to this value (None: no clipping).
+        device: auto, cpu or cuda[:N].
+        seed: seed of the training-task generator.
+        resume: continue from `output_dir/checkpoints/last.pt` if it exists.
+        ckpt_path: continue from this checkpoint instead.
+        run_config: the resolved configuration, stored in checkpoints and shown in the HParams tab.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self, algorithm: MetaAlgorithm, tasks: TaskSampler, optimizer: torch.optim.Optimizer,
+        logger: LoggerFactory, output_dir: Path, *, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        max_steps: int = 10_000, meta_batch_size: int = 25, eval_every: int = 1000, log_every: int = 50,
+        checkpoint_every: int = 1000, val_tasks: int = 100, test_tasks: int = 600, val_seed: int = 1,
+        test_seed: int = 2, eval_batch_size: int = 100, grad_clip: float | None = None, device: str = "auto",
+        seed: int = 0, resume: bool = False, ckpt_path: Path | None = None, run_config: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        for name in ("max_steps", "meta_batch_size", "eval_every", "log_every", "checkpoint_every", "val_tasks",
+                     "test_tasks", "eval_batch_size"):
+            positive_int(name, locals()[name])
+        self.device = resolve_device(device)
+        self.algorithm = algorithm.to(self.device)
+        self.tasks, self.optimizer, self.scheduler, self.make_logger = tasks, optimizer, scheduler, logger
+        self.output_dir, self.ckpt_dir = output_dir, output_dir / "checkpoints"
+        self.max_steps, self.meta_batch_size, self.grad_clip = max_steps, meta_batch_size, grad_clip
+        self.eval_every, self.log_every, self.checkpoint_every = eval_every, log_every, checkpoint_every
+        self.eval_sets = {"val": (val_tasks, val_seed), "test": (test_tasks, test_seed)}
+        self.eval_batch_size, self.progress, self.config = eval_batch_size, progress, run_config or {}
+        self.metric = query_metric(tasks.objective.metric)
+        self.higher_is_better = tasks.objective.higher_is_better
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step, self.best_step, self.best_metric, self.elapsed = 0, 0, math.nan, 0.0
+        self.ckpt_path, self.resume = ckpt_path, resume
+
+    # -- state ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where training stopped."""
+        return {
+            "step": self.step, "best_step": self.best_step, "best_metric": self.best_metric, "elapsed": self.elapsed,
+            "algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": {"sampler": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "metric": self.metric, "higher_is_better": self.higher_is_better, "config": self.config,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["rng"]["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.best_step, self.best_metric = state["step"], state["best_step"], state["best_metric"]
+        self.elapsed = state["elapsed"]
+
+    def save(self, name: str) -> Path:
+        path = self.ckpt_dir / name
+        save_checkpoint(self.state(), path)
+        return path
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, split: Split) -> dict[str, float]:
+        """Scores on the fixed task set of `split`: mean and 95% CI over tasks, before/after adaptation."""
+        n_tasks, seed = self.eval_sets[split]
+        was_training = self.algorithm.training
+        self.algorithm.eval()
+        parts = [self.algorithm.evaluate(batch.to(self.device))
+                 for batch in fixed_batches(self.tasks, split, n_tasks, seed, self.eval_batch_size)]
+        self.algorithm.train(was_training)
+        return eval_metrics(TaskScores.cat(parts), split, self.tasks.objective.metric)
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(self.best_metric):
+            return True
+        return value > self.best_metric if self.higher_is_better else value < self.best_metric
+
+    # -- training ---------------------------------------------------------------------------------
+    def _train_step(self) -> tuple[dict[str, float], float]:
+        batch = self.tasks.sample(self.meta_batch_size, "train", self.generator).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.algorithm.meta_train_step(batch)
+        params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()
+        if not (math.isfinite(result.meta_loss) and math.isfinite(norm)):
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: meta-loss {result.meta_loss} and meta-gradient norm {norm} are not both "
+                f"finite; stopped before updating the weights (last good checkpoint: {self.ckpt_dir / 'last.pt'}). "
+                "Lower optimizer.lr or algorithm.inner_lr, or set trainer.grad_clip.")
+        self.optimizer.step()
+        if self.scheduler:
+            self.scheduler.step()
+        return step_metrics(result, self.tasks.objective.metric), norm
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `max_steps` (continuing a checkpoint if asked), then test the best checkpoint."""
+        source = self.ckpt_path or (self.ckpt_dir / "last.pt" if self.resume else None)
+        if source is not None and (self.ckpt_path is not None or source.is_file()):
+            self.load_state(load_checkpoint(source, self.device))
+            log.info("Resumed from %s at step %d", source, self.step)
+        elif self.resume:
+            log.info("trainer.resume=true but %s does not exist yet: starting a new run", source)
+        logger = self.make_logger(purge_step=self.step + 1 if self.step else None)
+        val_tag = tag("val", self.metric)
+        if self.step == 0:
+            logger.start_hparams(self.config, [tag("val", f"best_{self.metric}"), tag("test", self.metric)])
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="meta-train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True, mininterval=0.5)
+        running, tick, tick_step, t0 = math.nan, time.perf_counter(), self.step, time.perf_counter() - self.elapsed
+        with stop_on_signal() as signals, logging_redirect_tqdm():
+            while self.step < self.max_steps and not signals:
+                scalars, norm = self._train_step()
+                self.step += 1
+                bar.update(1)
+                loss = scalars[tag("train", "meta_loss")]
+                running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
+                if self.step % self.log_every == 0:
+                    rate = (self.step - tick_step) / (time.perf_counter() - tick)
+                    tick, tick_step = time.perf_counter(), self.step
+                    logger.log_scalars({**scalars, **lr_metrics(self.optimizer), **speed_metrics(rate, norm)}, self.step)
+                    bar.set_postfix(meta_loss=f"{running:.4f}")
+                if self.step % self.eval_every == 0 or self.step == self.max_steps:
+                    metrics = self.evaluate("val")
+                    logger.log_scalars(metrics, self.step)
+                    log.info("step %d: %s %.4f ± %.4f", self.step, val_tag, metrics[val_tag], metrics[f"{val_tag}_ci95"])
+                    if self._improved(metrics[val_tag]):
+                        self.best_metric, self.best_step = metrics[val_tag], self.step
+                        self.elapsed = time.perf_counter() - t0
+                        self.save("best.pt")
+                if self.step % self.checkpoint_every == 0 or self.step == self.max_steps or signals:
+                    self.elapsed = time.perf_counter() - t0
+                    self.save("last.pt")
+        bar.close()
+        if signals:
+            logger.close()
+            raise KeyboardInterrupt(f"stopped by signal {signals[0]} at step {self.step}; "
+                                    f"resume with trainer.resume=true (checkpoint {self.ckpt_dir / 'last.pt'})")
+        return self._finish(logger)
+
+    def _finish(self, logger: TensorBoardLogger) -> dict[str, Any]:
+        """Test the best checkpoint, draw what was learned, and write `results.json`."""
+        best = load_checkpoint(self.ckpt_dir / "best.pt", self.device)
+        self.algorithm.load_state_dict(best["algorithm"])
+        val, test = self.evaluate("val"), self.evaluate("test")
+        logger.log_scalars({tag("val", f"best_{self.metric}"): val[tag("val", self.metric)], **test}, self.step)
+        if isinstance(self.tasks, Illustrated):
+            self.algorithm.eval()
+            figure = self.tasks.illustrate(self.algorithm.predict, torch.Generator().manual_seed(self.eval_sets["test"][1]))
+            figure.savefig(self.output_dir / "adaptation.png", dpi=100)
+            logger.log_figure(tag("test", "adaptation"), figure, self.step)
+        logger.end_hparams()
+        logger.close()
+        results = {
+            "metric": self.metric, "higher_is_better": self.higher_is_better, "step": self.step,
+            "best_step": self.best_step, "wall_time_s": round(self.elapsed, 1), "device": str(self.device),
+            "val": {k.split("/", 1)[1]: v for k, v in val.items()},
+            "test": {k.split("/", 1)[1]: v for k, v in test.items()},
+        }
+        (self.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
