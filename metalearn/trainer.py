@@ -215,6 +215,9 @@ class Trainer:
                     self.elapsed = time.perf_counter() - t0
                     self.save("last.pt")
         bar.close()
+        if not (self.ckpt_dir / "best.pt").is_file():  # resumed at or past max_steps before any evaluation
+            self.best_metric, self.best_step = self.evaluate("val")[val_tag], self.step
+            self.save("best.pt")
         if signals:
             logger.close()
             raise KeyboardInterrupt(f"stopped by signal {signals[0]} at step {self.step}; "

@@ -53,7 +53,9 @@ class MAML(MetaAlgorithm):
         super().__init__(model, objective)
         self.inner_lr = non_negative_float("inner_lr", inner_lr)
         self.inner_steps = positive_int("inner_steps", inner_steps)
-        self.eval_inner_steps = positive_int("eval_inner_steps", eval_inner_steps or inner_steps)
+        self.eval_inner_steps = positive_int(
+            "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps
+        )
         self.first_order = bool(first_order)
         self.vectorize = bool(vectorize)
 
@@ -80,14 +82,14 @@ class MAML(MetaAlgorithm):
         Under vmap only torch.func.grad transforms correctly. On the per-task path autograd.grad is
         about 4x faster for small models (less dispatch), so each path uses its own engine.
         """
+        # First order: differentiate at a detached copy, so the gradient is a constant to the outer
+        # pass (and costs no second-order graph) while the update still flows through the identity path.
         if self.vectorize:
-            grads = grad(loss_fn)(params)
-            return grads if create_graph else detach_all(grads)
+            return grad(loss_fn)(params if create_graph else detach_all(params))
         with torch.enable_grad():
-            # First order: differentiate at a detached copy, so the gradient is a constant to the
-            # outer pass while the update below still flows through the identity path.
             at = params if create_graph else {k: p.detach().requires_grad_() for k, p in params.items()}
-            values = torch.autograd.grad(loss_fn(at), list(at.values()), create_graph=create_graph)
+            values = torch.autograd.grad(loss_fn(at), list(at.values()), create_graph=create_graph,
+                                         allow_unused=True, materialize_grads=True)
         return dict(zip(at, values))
 
     def _task_outcome(

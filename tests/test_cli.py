@@ -1,0 +1,136 @@
+"""End to end through the installed `metalearn` command, run from a directory other than the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metalearn.checkpoint import load_checkpoint
+from tests.conftest import TINY
+
+METALEARN = str(Path(sys.executable).with_name("metalearn"))
+
+
+def cli_env() -> dict[str, str]:
+    """One intra-op thread (tiny models; robust on a loaded machine) and Hydra's default error mode."""
+    return {**os.environ, "HYDRA_FULL_ERROR": "", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `metalearn` with the tiny settings, then `overrides` (later overrides win)."""
+    env = cli_env()
+    command = [METALEARN, *(["-m"] if multirun else []), *TINY, *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_run_writes_everything(tmp_path: Path) -> None:
+    """A run directory holds Hydra's files, log, events, checkpoints, results and the picture;
+    TensorBoard's own reader finds the promised tags."""
+    proc = run_cli(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = only_run_dir(tmp_path / "outputs" / "runs" / "maml_sinusoid")
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log", "config.yaml",
+                 "checkpoints/last.pt", "checkpoints/best.pt", "results.json", "adaptation.png"):
+        assert (run / name).is_file(), name
+    assert f"Run directory: {run.resolve()}" in proc.stdout
+    results = json.loads((run / "results.json").read_text())
+    assert f"test query_mse: {results['test']['query_mse']:.4f}" in proc.stdout
+    assert "step 4: val/query_mse" in (run / "train.log").read_text()
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/meta_loss", "train/meta_loss_pre", "train/lr", "train/steps_per_sec", "val/query_mse",
+            "val/query_mse_ci95", "test/query_mse", "val/best_query_mse"} <= scalars
+    assert [e.step for e in events.Scalars("val/query_mse")] == [2, 4]
+    assert "test/adaptation" in events.Tags()["images"]
+    assert events.PluginTagToContent("hparams")  # the HParams tab has this run
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "algorithm.inner_lr=0.001,0.01", multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    sweep = only_run_dir(tmp_path / "outputs" / "multiruns" / "maml_sinusoid")
+    assert (sweep / "multirun.yaml").is_file()
+    for job, lr in (("0", 0.001), ("1", 0.01)):
+        assert (sweep / job / "results.json").is_file()
+        assert load_checkpoint(sweep / job / "checkpoints" / "last.pt")["config"]["algorithm"]["inner_lr"] == lr
+
+
+def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """A run killed with SIGTERM saves last.pt and exits non-zero; `trainer.resume=true` continues it
+    in place to the same final parameters as a run that was never interrupted."""
+    steps = ["trainer.max_steps=1500", "trainer.checkpoint_every=20", "trainer.eval_every=500"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert run_cli(straight, *steps).returncode == 0
+    reference = load_checkpoint(only_run_dir(straight / "outputs/runs/maml_sinusoid") / "checkpoints/last.pt")
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    proc = subprocess.Popen([METALEARN, *TINY, *steps], cwd=cut, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(cut.glob("outputs/runs/maml_sinusoid/*/checkpoints/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    run = only_run_dir(cut / "outputs/runs/maml_sinusoid")
+    stopped_at = load_checkpoint(run / "checkpoints/last.pt")["step"]
+    assert 0 < stopped_at < 1500, "the run finished before the signal arrived; nothing was tested"
+
+    resumed = run_cli(cut, *steps, "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert only_run_dir(cut / "outputs/runs/maml_sinusoid") == run  # continued in place
+    final = load_checkpoint(run / "checkpoints/last.pt")
+    assert final["step"] == 1500
+    for name, tensor in reference["algorithm"].items():
+        assert torch.equal(tensor, final["algorithm"][name]), name
+
+
+def test_ckpt_path_continues_that_run(tmp_path: Path) -> None:
+    assert run_cli(tmp_path).returncode == 0
+    run = only_run_dir(tmp_path / "outputs/runs/maml_sinusoid")
+    proc = run_cli(tmp_path, f"ckpt_path={run}", "trainer.max_steps=6")
+    assert proc.returncode == 0, proc.stderr
+    assert only_run_dir(tmp_path / "outputs/runs/maml_sinusoid") == run
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] == 6
+    assert "Resumed from" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("algorithm=nope", ["algorithm", "nope"]),
+        ("trainer.nope=1", ["trainer.nope"]),
+        ("dataset.k_shot=0", ["dataset.k_shot=0"]),
+        ("optimizer.lr=-0.1", ["optimizer.lr=-0.1"]),
+        ("algorithm.inner_lr=-1", ["algorithm.inner_lr=-1"]),
+        ("ckpt_path=/no/such/run/last.pt", ["ckpt_path=/no/such/run/last.pt"]),
+        ("trainer.device=tpu", ["trainer.device='tpu'"]),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path: Path, override: str, expected: list[str]) -> None:
+    proc = run_cli(tmp_path, override)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    for text in expected:
+        assert text in errors[0]
+    assert not list(tmp_path.glob("outputs/**/*.pt")), "no checkpoint may be left behind"

@@ -1,0 +1,125 @@
+"""Trainer: exact resume, signals, atomic checkpoints, non-finite losses, evaluation sets."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalearn.algorithms.maml import MAML
+from metalearn.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.data.sinusoid import SinusoidTasks
+from metalearn.metrics import TensorBoardLogger
+from metalearn.models.mlp import MLP
+from metalearn.trainer import NonFiniteLossError, Trainer
+
+
+def make_trainer(out: Path, *, max_steps: int = 12, inner_lr: float = 0.01, resume: bool = False) -> Trainer:
+    """A small, fully seeded trainer with Adam and a cosine schedule (both carry state)."""
+    torch.manual_seed(0)
+    tasks = SinusoidTasks()
+    algorithm = MAML(MLP(1, 1, hidden_sizes=[16]), tasks.objective, inner_lr=inner_lr)
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
+    logger = functools.partial(TensorBoardLogger, log_dir=out)
+    return Trainer(algorithm, tasks, optimizer, logger, out, scheduler=scheduler, max_steps=max_steps,
+                   meta_batch_size=4, eval_every=5, log_every=2, checkpoint_every=5, val_tasks=8, test_tasks=8,
+                   eval_batch_size=8, device="cpu", seed=3, resume=resume, progress=False)
+
+
+def interrupt_at(trainer: Trainer, step: int) -> None:
+    """Send this process SIGTERM during meta-step `step`, as a scheduler or a user would."""
+    original = trainer.algorithm.meta_train_step
+
+    def step_and_maybe_signal(batch):  # type: ignore[no-untyped-def]
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(batch)
+
+    trainer.algorithm.meta_train_step = step_and_maybe_signal  # type: ignore[method-assign]
+
+
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path: Path) -> None:
+    """SIGTERM mid-run saves last.pt at a step boundary; resuming reaches bitwise the same weights,
+    optimizer and scheduler state as an uninterrupted run."""
+    straight = make_trainer(tmp_path / "a")
+    straight.fit()
+    reference = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+
+    interrupted = make_trainer(tmp_path / "b")
+    interrupt_at(interrupted, 8)
+    with pytest.raises(KeyboardInterrupt, match="step 8"):
+        interrupted.fit()
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 8
+
+    resumed = make_trainer(tmp_path / "b", resume=True)
+    assert resumed.fit()["step"] == 12
+    final = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for name, tensor in reference["algorithm"].items():
+        assert torch.equal(tensor, final["algorithm"][name]), name
+    ref_state, final_state = reference["optimizer"]["state"], final["optimizer"]["state"]
+    for key in ref_state:
+        for field in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ref_state[key][field], final_state[key][field])
+    assert reference["scheduler"] == final["scheduler"]
+    assert reference["best_metric"] == final["best_metric"] and reference["best_step"] == final["best_step"]
+
+
+def test_checkpoint_is_self_describing(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, max_steps=5)
+    trainer.fit()
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert {"algorithm", "optimizer", "scheduler", "step", "best_metric", "rng", "config", "metric"} <= set(state)
+    assert state["step"] == 5 and state["metric"] == "query_mse" and math.isfinite(state["best_metric"])
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while writing leaves the old file intact and no temporary file behind."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def broken_save(obj: object, f) -> None:  # type: ignore[no-untyped-def]
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_non_finite_loss_stops_without_writing_nan_weights(tmp_path: Path) -> None:
+    """A diverging inner learning rate stops the run naming the step; saved weights stay finite."""
+    trainer = make_trainer(tmp_path, max_steps=50, inner_lr=1e9)
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: .*algorithm.inner_lr"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.algorithm.parameters())
+    last = tmp_path / "checkpoints" / "last.pt"
+    if last.exists():
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(last)["algorithm"].values())
+
+
+def test_evaluation_sets_are_fixed(tmp_path: Path) -> None:
+    """Validation scores are identical across trainers and never consume the training generator."""
+    a, b = make_trainer(tmp_path / "a"), make_trainer(tmp_path / "b")
+    state = a.generator.get_state()
+    assert a.evaluate("val") == b.evaluate("val")
+    assert torch.equal(a.generator.get_state(), state)
+    assert a.evaluate("val") != a.evaluate("test")
+
+
+@pytest.mark.parametrize(("setting", "message"), [({"max_steps": 0}, "max_steps=0"),
+                                                   ({"device": "tpu"}, "device='tpu'")])
+def test_bad_trainer_settings_name_the_argument(tmp_path: Path, setting: dict, message: str) -> None:
+    tasks = SinusoidTasks()
+    algorithm = MAML(MLP(1, 1), tasks.objective)
+    optimizer = torch.optim.Adam(algorithm.parameters())
+    with pytest.raises(ValueError, match=message):
+        Trainer(algorithm, tasks, optimizer, TensorBoardLogger, tmp_path, **setting)
