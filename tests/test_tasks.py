@@ -1,0 +1,49 @@
+"""Task containers, fixed evaluation sets and the metric arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metalearn.data.sinusoid import SinusoidTasks
+from metalearn.metrics import flatten_hparams, mean_ci95
+from metalearn.tasks import TaskBatch, fixed_batches, fixed_tasks
+
+
+def test_task_batch_iterates_and_moves() -> None:
+    batch = SinusoidTasks().sample(3, "train", torch.Generator().manual_seed(0))
+    tasks = list(batch)
+    assert len(batch) == 3 and len(tasks) == 3
+    assert torch.equal(tasks[1].query_y, batch.query_y[1])
+    moved = batch.to("cpu")
+    assert torch.equal(moved.support_x, batch.support_x)
+    assert torch.equal(TaskBatch.cat([batch, batch]).support_x[3:], batch.support_x)
+
+
+def test_task_batch_rejects_mismatched_fields() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        TaskBatch(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(3, 1), torch.zeros(2, 1))
+
+
+def test_fixed_sets_do_not_depend_on_batch_size() -> None:
+    tasks = SinusoidTasks()
+    by_4 = TaskBatch.cat(list(fixed_batches(tasks, "val", 10, seed=1, batch_size=4)))
+    by_10 = TaskBatch.cat(list(fixed_batches(tasks, "val", 10, seed=1, batch_size=10)))
+    assert torch.equal(by_4.query_y, by_10.query_y)
+    assert [len(b) for b in fixed_batches(tasks, "val", 10, seed=1, batch_size=4)] == [4, 4, 2]
+    first = next(fixed_tasks(tasks, "val", 1, seed=2))
+    assert not torch.equal(first.support_x, by_4.support_x[0])
+
+
+def test_mean_ci95_matches_hand_computation() -> None:
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mean, ci = mean_ci95(values)
+    std = math.sqrt(sum((v - 2.5) ** 2 for v in (1, 2, 3, 4)) / 3)
+    assert mean == 2.5 and math.isclose(ci, 1.96 * std / 2)
+
+
+def test_flatten_hparams() -> None:
+    flat = flatten_hparams({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": "x"})
+    assert flat == {"a.b": 1, "a.c": "[1, 2]", "d": "None", "e": "x"}
