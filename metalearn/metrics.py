@@ -104,14 +104,15 @@ class TensorBoardLogger:
     def start_hparams(self, config: Mapping[str, Any], metric_tags: list[str]) -> None:
         """Declare the run's hyperparameters and the scalar tags the HParams tab compares runs by."""
         experiment, session_start, _ = hparams(flatten_hparams(config), {name: 0.0 for name in metric_tags})
-        file_writer = self.writer.file_writer
+        # SummaryWriter.add_hparams would open a second run directory; write the summaries to this run.
+        file_writer = self.writer._get_file_writer()
         file_writer.add_summary(experiment)
         file_writer.add_summary(session_start)
 
     def end_hparams(self) -> None:
         """Mark the run's HParams session as finished."""
         _, _, session_end = hparams({}, {})
-        self.writer.file_writer.add_summary(session_end)
+        self.writer._get_file_writer().add_summary(session_end)
 
     def close(self) -> None:
         self.writer.flush()

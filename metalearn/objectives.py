@@ -13,8 +13,15 @@ from torch import Tensor
 class Objective(Protocol):
     """Loss to train on and the metric to report, both pure tensor functions (safe under vmap)."""
 
-    metric: str
-    higher_is_better: bool
+    @property
+    def metric(self) -> str:
+        """Short name of the headline metric (`mse`, `acc`)."""
+        ...
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger headline metric is better."""
+        ...
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         """Mean loss over the examples of one task."""

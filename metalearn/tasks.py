@@ -75,7 +75,9 @@ class TaskSampler(Protocol):
 class Illustrated(Protocol):
     """A task family that can draw what an algorithm learned (predictions before/after adaptation)."""
 
-    def illustrate(self, predict: Callable[[Task, Tensor], tuple[Tensor, Tensor]], generator: torch.Generator) -> Figure:
+    def illustrate(
+        self, predict: Callable[[Task, Tensor], tuple[Tensor, Tensor]], generator: torch.Generator
+    ) -> Figure:
         """A figure of a few tasks drawn from `generator`; `predict(task, x)` gives (before, after)."""
         ...
 

@@ -7,7 +7,6 @@ typed constructor arguments.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import sys
@@ -24,8 +23,6 @@ from omegaconf.errors import OmegaConfBaseException
 from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
 from metalearn.metrics import query_metric
 from metalearn.trainer import NonFiniteLossError
-
-log = logging.getLogger(__name__)
 
 
 def _config_dir() -> str:
@@ -44,7 +41,7 @@ class ConfigError(ValueError):
     """A configuration value cannot be used; the message names the key and the value."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
     """Hydra's run directory: the checkpoint's run when continuing one, else a new timestamped one.
 
@@ -160,7 +157,6 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         results = train(cfg)
     except (ConfigError, CheckpointError, NonFiniteLossError) as ex:
-        log.error("%s", ex)
         print(f"error: {ex}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as ex:

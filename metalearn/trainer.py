@@ -19,8 +19,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from metalearn.algorithms.base import MetaAlgorithm, TaskScores
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.checks import one_of, positive_int
-from metalearn.metrics import (TensorBoardLogger, eval_metrics, lr_metrics, query_metric, speed_metrics,
-                               step_metrics, tag)
+from metalearn.metrics import (
+    TensorBoardLogger,
+    eval_metrics,
+    lr_metrics,
+    query_metric,
+    speed_metrics,
+    step_metrics,
+    tag,
+)
 from metalearn.tasks import Illustrated, Split, TaskSampler, fixed_batches
 
 log = logging.getLogger(__name__)
@@ -112,6 +119,7 @@ class Trainer:
         self.higher_is_better = tasks.objective.higher_is_better
         self.generator = torch.Generator().manual_seed(seed)
         self.step, self.best_step, self.best_metric, self.elapsed = 0, 0, math.nan, 0.0
+        self._t0 = time.perf_counter()  # wall-clock origin, shifted back by the time already trained
         self.ckpt_path, self.resume = ckpt_path, resume
 
     # -- state ----------------------------------------------------------------------------------
@@ -139,6 +147,8 @@ class Trainer:
         self.elapsed = state["elapsed"]
 
     def save(self, name: str) -> Path:
+        """Write the current state to `checkpoints/<name>` atomically."""
+        self.elapsed = time.perf_counter() - self._t0
         path = self.ckpt_dir / name
         save_checkpoint(self.state(), path)
         return path
@@ -176,52 +186,61 @@ class Trainer:
             self.scheduler.step()
         return step_metrics(result, self.tasks.objective.metric), norm
 
-    def fit(self) -> dict[str, Any]:
-        """Train to `max_steps` (continuing a checkpoint if asked), then test the best checkpoint."""
+    def _restore(self) -> None:
+        """Load `ckpt_path`, or `last.pt` of this run when resuming, if there is one."""
         source = self.ckpt_path or (self.ckpt_dir / "last.pt" if self.resume else None)
         if source is not None and (self.ckpt_path is not None or source.is_file()):
             self.load_state(load_checkpoint(source, self.device))
             log.info("Resumed from %s at step %d", source, self.step)
         elif self.resume:
             log.info("trainer.resume=true but %s does not exist yet: starting a new run", source)
+
+    def _validate(self, logger: TensorBoardLogger) -> float:
+        """Evaluate on the validation set, log it, and keep `best.pt` if it improved."""
+        metrics = self.evaluate("val")
+        logger.log_scalars(metrics, self.step)
+        value = metrics[tag("val", self.metric)]
+        log.info("step %d: val/%s %.4f ± %.4f", self.step, self.metric, value,
+                 metrics[tag("val", f"{self.metric}_ci95")])
+        if self._improved(value):
+            self.best_metric, self.best_step = value, self.step
+            self.save("best.pt")
+        return value
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `max_steps` (continuing a checkpoint if asked), then test the best checkpoint."""
+        self._restore()
         logger = self.make_logger(purge_step=self.step + 1 if self.step else None)
-        val_tag = tag("val", self.metric)
         if self.step == 0:
             logger.start_hparams(self.config, [tag("val", f"best_{self.metric}"), tag("test", self.metric)])
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="meta-train", unit="step", disable=not self.progress,
-                   dynamic_ncols=True, mininterval=0.5)
-        running, tick, tick_step, t0 = math.nan, time.perf_counter(), self.step, time.perf_counter() - self.elapsed
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="meta-train", unit="step",
+                   disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
+        running, tick, tick_step = math.nan, time.perf_counter(), self.step
+        self._t0 = time.perf_counter() - self.elapsed
         with stop_on_signal() as signals, logging_redirect_tqdm():
             while self.step < self.max_steps and not signals:
                 scalars, norm = self._train_step()
                 self.step += 1
                 bar.update(1)
                 loss = scalars[tag("train", "meta_loss")]
-                running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
+                running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss  # smoothed for the bar
                 if self.step % self.log_every == 0:
                     rate = (self.step - tick_step) / (time.perf_counter() - tick)
                     tick, tick_step = time.perf_counter(), self.step
-                    logger.log_scalars({**scalars, **lr_metrics(self.optimizer), **speed_metrics(rate, norm)}, self.step)
+                    logger.log_scalars({**scalars, **lr_metrics(self.optimizer), **speed_metrics(rate, norm)},
+                                       self.step)
                     bar.set_postfix(meta_loss=f"{running:.4f}")
                 if self.step % self.eval_every == 0 or self.step == self.max_steps:
-                    metrics = self.evaluate("val")
-                    logger.log_scalars(metrics, self.step)
-                    log.info("step %d: %s %.4f ± %.4f", self.step, val_tag, metrics[val_tag], metrics[f"{val_tag}_ci95"])
-                    if self._improved(metrics[val_tag]):
-                        self.best_metric, self.best_step = metrics[val_tag], self.step
-                        self.elapsed = time.perf_counter() - t0
-                        self.save("best.pt")
+                    self._validate(logger)
                 if self.step % self.checkpoint_every == 0 or self.step == self.max_steps or signals:
-                    self.elapsed = time.perf_counter() - t0
                     self.save("last.pt")
         bar.close()
-        if not (self.ckpt_dir / "best.pt").is_file():  # resumed at or past max_steps before any evaluation
-            self.best_metric, self.best_step = self.evaluate("val")[val_tag], self.step
-            self.save("best.pt")
         if signals:
             logger.close()
             raise KeyboardInterrupt(f"stopped by signal {signals[0]} at step {self.step}; "
                                     f"resume with trainer.resume=true (checkpoint {self.ckpt_dir / 'last.pt'})")
+        if not (self.ckpt_dir / "best.pt").is_file():  # resumed at or past max_steps before any evaluation
+            self._validate(logger)
         return self._finish(logger)
 
     def _finish(self, logger: TensorBoardLogger) -> dict[str, Any]:
@@ -232,7 +251,8 @@ class Trainer:
         logger.log_scalars({tag("val", f"best_{self.metric}"): val[tag("val", self.metric)], **test}, self.step)
         if isinstance(self.tasks, Illustrated):
             self.algorithm.eval()
-            figure = self.tasks.illustrate(self.algorithm.predict, torch.Generator().manual_seed(self.eval_sets["test"][1]))
+            generator = torch.Generator().manual_seed(self.eval_sets["test"][1])
+            figure = self.tasks.illustrate(self.algorithm.predict, generator)
             figure.savefig(self.output_dir / "adaptation.png", dpi=100)
             logger.log_figure(tag("test", "adaptation"), figure, self.step)
         logger.end_hparams()

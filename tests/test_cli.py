@@ -25,7 +25,9 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "HYDRA_FULL_ERROR": "", "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    cwd: Path, *overrides: str, multirun: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run `metalearn` with the tiny settings, then `overrides` (later overrides win)."""
     env = cli_env()
     command = [METALEARN, *(["-m"] if multirun else []), *TINY, *overrides]

@@ -42,7 +42,8 @@ class TaskScores:
     @staticmethod
     def cat(parts: list[TaskScores]) -> TaskScores:
         """Concatenate the per-task values of several evaluations."""
-        return TaskScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("loss", "loss_pre", "score", "score_pre")))
+        names = ("loss", "loss_pre", "score", "score_pre")
+        return TaskScores(*(torch.cat([getattr(p, name) for p in parts]) for name in names))
 
 
 class MetaAlgorithm(nn.Module, ABC):

@@ -84,7 +84,8 @@ class SinusoidTasks:
             ax.plot(grid, true, color="black", label="true function")
             ax.plot(grid, before.cpu(), "--", color="tab:gray", label="before adaptation")
             ax.plot(grid, after.cpu(), color="tab:red", label="after adaptation")
-            ax.scatter(task.support_x, task.support_y, color="tab:blue", zorder=3, label=f"{self.k_shot} support points")
+            ax.scatter(task.support_x, task.support_y, color="tab:blue", zorder=3,
+                       label=f"{self.k_shot} support points")
             ax.set_title(f"A={amplitude[i, 0, 0]:.2f}, phase={phase[i, 0, 0]:.2f}")
             ax.set_xlabel("x")
         axes[0].set_ylabel("y")

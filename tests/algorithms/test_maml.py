@@ -4,7 +4,7 @@ hand-built references, vmap/loop agreement, side-effect freedom, and learning on
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
