@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from metalearn.metrics import flatten_hparams
+
 FORMAT_VERSION = 1
 
 
@@ -58,3 +60,14 @@ def run_dir_of(ckpt_path: Path) -> Path:
 def checkpoint_in(path: Path) -> Path:
     """Resolve a run directory to its `checkpoints/last.pt`; a file path is returned unchanged."""
     return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
+# Settings that may legitimately change when a run is continued.
+RESUME_KEYS = ("ckpt_path", "trainer.resume", "trainer.max_steps", "trainer.progress", "paths.")
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting that differs between two resolved configs."""
+    old, new = flatten_hparams(saved), flatten_hparams(current)
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not key.startswith(RESUME_KEYS)]

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn.algorithms.base import MetaAlgorithm, TaskScores
-from metalearn.checkpoint import load_checkpoint, save_checkpoint
-from metalearn.checks import one_of, positive_int
+from metalearn.checkpoint import config_changes, load_checkpoint, save_checkpoint
+from metalearn.checks import positive_int
 from metalearn.metrics import (
     TensorBoardLogger,
     eval_metrics,
@@ -28,6 +26,7 @@ from metalearn.metrics import (
     step_metrics,
     tag,
 )
+from metalearn.runtime import resolve_device, stop_on_signal
 from metalearn.tasks import Illustrated, Split, TaskSampler, fixed_batches
 
 log = logging.getLogger(__name__)
@@ -36,36 +35,6 @@ LoggerFactory = Callable[..., TensorBoardLogger]
 
 class NonFiniteLossError(RuntimeError):
     """The meta-loss or meta-gradient became NaN or infinite."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when available, else CPU; `cpu` and `cuda[:N]` are taken as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    one_of("device", device.split(":")[0], ("auto", "cpu", "cuda"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: CUDA is not available on this machine (use auto or cpu)")
-    return torch.device(device)
-
-
-@contextmanager
-def stop_on_signal() -> Iterator[list[int]]:
-    """Turn the first SIGINT/SIGTERM into a request to stop at the next step boundary, so that the
-    saved state is consistent; a second Ctrl-C interrupts at once."""
-    received: list[int] = []
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: object) -> None:
-        received.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class Trainer:
@@ -190,8 +159,12 @@ class Trainer:
         """Load `ckpt_path`, or `last.pt` of this run when resuming, if there is one."""
         source = self.ckpt_path or (self.ckpt_dir / "last.pt" if self.resume else None)
         if source is not None and (self.ckpt_path is not None or source.is_file()):
-            self.load_state(load_checkpoint(source, self.device))
+            state = load_checkpoint(source, self.device)
+            self.load_state(state)
             log.info("Resumed from %s at step %d", source, self.step)
+            changed = config_changes(state["config"], self.config)
+            if changed:
+                log.warning("Resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
         elif self.resume:
             log.info("trainer.resume=true but %s does not exist yet: starting a new run", source)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metalearn.algorithms.maml import MAML
-from metalearn.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.checkpoint import config_changes, load_checkpoint, save_checkpoint
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.metrics import TensorBoardLogger
 from metalearn.models.mlp import MLP
@@ -123,3 +123,9 @@ def test_bad_trainer_settings_name_the_argument(tmp_path: Path, setting: dict, m
     optimizer = torch.optim.Adam(algorithm.parameters())
     with pytest.raises(ValueError, match=message):
         Trainer(algorithm, tasks, optimizer, TensorBoardLogger, tmp_path, **setting)
+
+
+def test_config_changes_lists_real_differences_only() -> None:
+    saved = {"trainer": {"max_steps": 10, "resume": False}, "algorithm": {"inner_lr": 0.01}, "paths": {"x": "a"}}
+    current = {"trainer": {"max_steps": 20, "resume": True}, "algorithm": {"inner_lr": 0.1}, "paths": {"x": "b"}}
+    assert config_changes(saved, current) == ["algorithm.inner_lr: 0.01 -> 0.1"]
