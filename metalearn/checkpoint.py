@@ -19,7 +19,12 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same directory, fsync, rename.
+    """Write a checkpoint (`state` plus the format version) atomically."""
+    atomic_save({"format": FORMAT_VERSION, **state}, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """`torch.save` to `path` atomically: a temporary file in the same directory, fsync, rename.
 
     A reader sees either the previous complete file or the new complete file, never a partial one,
     and an interrupted write leaves no temporary file behind.
@@ -28,7 +33,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)

@@ -82,12 +82,13 @@ def _make(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
     """Build `node`'s target with the given objects wired in explicitly.
 
     The objects go to the constructor directly, never through `instantiate` (which would turn
-    dataclasses and dicts into configs); a ValueError/TypeError becomes a ConfigError naming `key`.
+    dataclasses and dicts into configs); a ValueError, TypeError or FileNotFoundError becomes a
+    ConfigError naming `key`.
     """
     factory = _build(node, key, _partial_=True)
     try:
         return factory(*args, **kwargs)
-    except (ValueError, TypeError) as ex:
+    except (ValueError, TypeError, FileNotFoundError) as ex:
         raise _config_error(key, ex) from ex
 
 
@@ -112,9 +113,14 @@ def _check_model_fits(model: torch.nn.Module, tasks: Any) -> None:
     """Fail early, naming the key, if the model's output size does not match the task family's."""
     probe = tasks.sample(1, "train", torch.Generator().manual_seed(0))
     model.eval()
-    with torch.no_grad():
-        out = model(probe.support_x[0])
-    model.train()
+    try:
+        with torch.no_grad():
+            out = model(probe.support_x[0])
+    except RuntimeError as ex:
+        raise ConfigError(f"model: cannot take the dataset's inputs of shape {tuple(probe.support_x.shape[2:])} "
+                          f"({str(ex).splitlines()[0]})") from ex
+    finally:
+        model.train()
     if out.shape[-1] != tasks.output_size:
         raise ConfigError(f"model: outputs {out.shape[-1]} values per example but the dataset needs "
                           f"{tasks.output_size} (set model.out_features={tasks.output_size})")

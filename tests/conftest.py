@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+# The real datasets: ../shared/data beside the project, or $METALEARN_DATA_DIR.
+DATA_DIR = Path(os.environ.get("METALEARN_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
 
 # Explicit keys (not trainer=debug) so they win over values an experiment file sets.
 TINY = [
@@ -42,8 +46,21 @@ def one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decoded-dataset cache for the whole test session (decoding Omniglot once takes ~10 s)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    root = DATA_DIR / "omniglot"
+    assert (root / "images_background.zip").is_file(), f"Omniglot archives not found in {root}; set METALEARN_DATA_DIR"
+    return root
+
+
 @pytest.fixture
-def compose_cfg(tmp_path: Path) -> Iterator[Composer]:
+def compose_cfg(tmp_path: Path, cache_dir: Path) -> Iterator[Composer]:
     """Compose `train.yaml` with overrides (tiny trainer settings first), writing into tmp_path."""
 
     def _compose(*overrides: str, tiny: bool = True) -> DictConfig:
@@ -53,6 +70,8 @@ def compose_cfg(tmp_path: Path) -> Iterator[Composer]:
         HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(DATA_DIR)
+            cfg.paths.cache_dir = str(cache_dir)
             del cfg.hydra
         return cfg
 

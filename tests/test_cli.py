@@ -15,9 +15,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metalearn.checkpoint import load_checkpoint
-from tests.conftest import TINY
+from tests.conftest import DATA_DIR, TINY
 
 METALEARN = str(Path(sys.executable).with_name("metalearn"))
+
+
+@pytest.fixture(autouse=True)
+def data_and_cache(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
+    """Runs start in a temporary directory: point them at the real data and the session's cache."""
+    monkeypatch.setenv("METALEARN_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setenv("METALEARN_CACHE_DIR", str(cache_dir))
 
 
 def cli_env() -> dict[str, str]:
@@ -126,10 +133,13 @@ def test_ckpt_path_continues_that_run(tmp_path: Path) -> None:
         ("algorithm.inner_lr=-1", ["algorithm.inner_lr=-1"]),
         ("ckpt_path=/no/such/run/last.pt", ["ckpt_path=/no/such/run/last.pt"]),
         ("trainer.device=tpu", ["trainer.device='tpu'"]),
+        ("experiment=maml_omniglot_5w1s_quick paths.data_dir=/no/data", ["dataset.root='/no/data/omniglot'"]),
+        ("experiment=maml_omniglot_5w1s_quick dataset.n_way=700", ["dataset.n_way=700", "688 classes"]),
+        ("experiment=maml_omniglot_5w1s_quick model=mlp", ["model:"]),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, override: str, expected: list[str]) -> None:
-    proc = run_cli(tmp_path, override)
+    proc = run_cli(tmp_path, *override.split())
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr

@@ -31,11 +31,19 @@ def test_experiment_runs(experiment: str, compose_cfg: Composer) -> None:
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
 
 
+# The model each dataset option is paired with; every dataset option must appear here.
+MODEL_FOR = {"sinusoid": "mlp", "omniglot": "conv4"}
+
+
+def test_every_dataset_has_a_model() -> None:
+    assert sorted(MODEL_FOR) == _options("dataset")
+
+
 @pytest.mark.parametrize("dataset", _options("dataset"))
 @pytest.mark.parametrize("algorithm", _options("algorithm"))
 def test_algorithm_dataset_step(algorithm: str, dataset: str, compose_cfg: Composer) -> None:
     """Each algorithm option on each dataset option: instantiate, one meta-step fills finite gradients."""
-    cfg = compose_cfg(f"algorithm={algorithm}", f"dataset={dataset}")
+    cfg = compose_cfg(f"algorithm={algorithm}", f"dataset={dataset}", f"model={MODEL_FOR[dataset]}")
     tasks = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     algorithm_obj = instantiate(cfg.algorithm, _partial_=True)(model=model, objective=tasks.objective)

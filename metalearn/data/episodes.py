@@ -1,0 +1,124 @@
+"""N-way K-shot episodes over any class-indexed image collection.
+
+Images are held as one uint8 tensor per split, grouped by class, and episodes are drawn for a whole
+meta-batch at once with tensor operations, so sampling costs microseconds per episode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from metalearn.checks import positive_int
+from metalearn.objectives import Classification
+from metalearn.tasks import SPLITS, Split, TaskBatch
+
+
+class ClassImages:
+    """Images of many classes: a uint8 tensor [N, C, H, W] with an integer class label per image.
+
+    Args:
+        images: uint8 images.
+        labels: class index of each image, in [0, len(class_names)).
+        class_names: a name per class (e.g. `Alphabet/character01/rot090`).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, class_names: Sequence[str]) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have one entry per image, got {tuple(labels.shape)}")
+        order = torch.argsort(labels, stable=True)
+        self.images = images[order].contiguous()
+        self.labels = labels[order]
+        self.class_names = list(class_names)
+        self.counts = torch.bincount(self.labels, minlength=len(self.class_names))
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query classification episodes from per-split image collections.
+
+    Classes within an episode are distinct, images within a class are distinct, and support and
+    query never share an image. Labels are 0..N-1 in the episode's (random) class order. Training
+    episodes may use a different way/shot/query than evaluation episodes (ProtoNet trains 60-way).
+
+    Args:
+        splits: the image collection of each split.
+        n_way, k_shot, k_query: the evaluation (and default training) episode shape.
+        train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
+    """
+
+    def __init__(
+        self, splits: Mapping[Split, ClassImages], n_way: int, k_shot: int, k_query: int,
+        train_n_way: int | None = None, train_k_shot: int | None = None, train_k_query: int | None = None,
+    ) -> None:
+        evaluation = (positive_int("n_way", n_way), positive_int("k_shot", k_shot), positive_int("k_query", k_query))
+        training = (
+            positive_int("train_n_way", train_n_way) if train_n_way is not None else n_way,
+            positive_int("train_k_shot", train_k_shot) if train_k_shot is not None else k_shot,
+            positive_int("train_k_query", train_k_query) if train_k_query is not None else k_query,
+        )
+        self.splits = dict(splits)
+        self.shapes: dict[Split, tuple[int, int, int]] = {s: training if s == "train" else evaluation for s in SPLITS}
+        self.n_way, self.k_shot, self.k_query = evaluation
+        self.objective = Classification()
+        for split, images in self.splits.items():
+            self._check_fits(split, images)
+        first = next(iter(self.splits.values()))
+        self.input_shape = first.image_shape
+
+    @property
+    def output_size(self) -> int:
+        """Classes per episode (training and evaluation way must agree for a fixed-size head)."""
+        return self.n_way
+
+    def _check_fits(self, split: Split, images: ClassImages) -> None:
+        way, shot, query = self.shapes[split]
+        prefix = "train_" if split == "train" and self.shapes["train"] != self.shapes["val"] else ""
+        if way > images.num_classes:
+            raise ValueError(f"{prefix}n_way={way}: the {split} split has only {images.num_classes} classes")
+        smallest = int(images.counts.min())
+        if shot + query > smallest:
+            raise ValueError(f"{prefix}k_shot={shot} + {prefix}k_query={query}: the {split} split has classes "
+                             f"with only {smallest} images")
+
+    def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
+        """Draw `batch_size` episodes from `split` using only `generator`."""
+        if split not in self.splits:
+            raise ValueError(f"split={split!r}: this dataset has splits {', '.join(self.splits)}")
+        data = self.splits[split]
+        way, shot, query = self.shapes[split]
+        per_class = shot + query
+        # Distinct classes per episode: the first `way` of a random permutation (via random keys).
+        class_keys = torch.rand(batch_size, data.num_classes, generator=generator)
+        classes = class_keys.topk(way, dim=1).indices  # [B, way]
+        # Distinct images per class: random keys, padding positions past the class size last.
+        counts = data.counts[classes]  # [B, way]
+        width = int(counts.max())
+        image_keys = torch.rand(batch_size, way, width, generator=generator)
+        image_keys[torch.arange(width) >= counts.unsqueeze(-1)] = -1.0
+        picks = image_keys.topk(per_class, dim=-1).indices  # [B, way, K+Q]
+        index = data.offsets[classes].unsqueeze(-1) + picks
+        images = data.images[index.flatten()].view(batch_size, way, per_class, *data.image_shape)
+        images = images.to(torch.float32).div_(255.0)
+        labels = torch.arange(way).view(1, way, 1).expand(batch_size, way, per_class)
+        support_x = images[:, :, :shot].reshape(batch_size, way * shot, *data.image_shape)
+        query_x = images[:, :, shot:].reshape(batch_size, way * query, *data.image_shape)
+        support_y = labels[:, :, :shot].reshape(batch_size, way * shot)
+        query_y = labels[:, :, shot:].reshape(batch_size, way * query)
+        return TaskBatch(support_x, support_y, query_x, query_y)

@@ -1,0 +1,73 @@
+"""Conv-4: the four-block convolutional network of MAML (Finn et al., 2017) and Prototypical Networks
+(Snell et al., 2017)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metalearn.checks import one_of, positive_int
+
+NORMS = ("batch", "batch_running", "group", "none")
+DOWNSAMPLES = ("maxpool", "stride")
+
+
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """The normalisation after each convolution.
+
+    batch: BatchNorm with the statistics of the current batch only, at training and at test
+        (MAML's transductive setting; no running statistics, so it is safe under vmap and never leaks
+        statistics across tasks).
+    batch_running: standard BatchNorm with running statistics used at evaluation.
+    group: GroupNorm with 4 channels per group.
+    none: identity.
+    """
+    if norm == "batch":
+        return nn.BatchNorm2d(channels, track_running_stats=False)
+    if norm == "batch_running":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(max(1, channels // 4), channels)
+    return nn.Identity()
+
+
+class Conv4(nn.Module):
+    """Blocks of 3x3 convolution, normalisation, ReLU and 2x downsampling; then a linear head.
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for colour images).
+        out_features: classes of the linear head; None for an embedding network (no head).
+        image_size: side of the square input images (to size the head).
+        hidden: filters per convolution (64 for Omniglot; MAML uses 32 on mini-ImageNet).
+        blocks: number of conv blocks.
+        norm: batch, batch_running, group or none (see `norm_layer`).
+        downsample: maxpool (2x2 max-pooling after each block) or stride (stride-2 convolutions,
+            MAML's Omniglot network).
+    """
+
+    def __init__(
+        self, in_channels: int, out_features: int | None, image_size: int, hidden: int = 64, blocks: int = 4,
+        norm: str = "batch", downsample: str = "maxpool",
+    ) -> None:
+        super().__init__()
+        one_of("norm", norm, NORMS)
+        one_of("downsample", downsample, DOWNSAMPLES)
+        positive_int("image_size", image_size)
+        layers: list[nn.Module] = []
+        channels = positive_int("in_channels", in_channels)
+        for _ in range(positive_int("blocks", blocks)):
+            stride = 2 if downsample == "stride" else 1
+            layers += [nn.Conv2d(channels, positive_int("hidden", hidden), 3, stride=stride, padding=1),
+                       norm_layer(norm, hidden), nn.ReLU()]
+            if downsample == "maxpool":
+                layers.append(nn.MaxPool2d(2))
+            channels = hidden
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            self.embedding_size = self.features.eval()(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+        self.features.train()
+        self.head = (nn.Linear(self.embedding_size, positive_int("out_features", out_features))
+                     if out_features is not None else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
