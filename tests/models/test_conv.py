@@ -59,8 +59,8 @@ def test_maml_learns_on_a_small_image_problem() -> None:
     data = ClassImages(torch.cat(images), torch.cat(labels), [str(c) for c in range(8)])
     tasks = EpisodeSampler({"train": data, "val": data, "test": data}, n_way=2, k_shot=1, k_query=5)
     torch.manual_seed(0)
-    algorithm = MAML(Conv4(1, 2, 12, hidden=8, norm="batch", downsample="stride"), tasks.objective, inner_lr=0.4, eval_inner_steps=3,
-                     vectorize=False)
+    model = Conv4(1, 2, 12, hidden=8, norm="batch", downsample="stride")
+    algorithm = MAML(model, tasks.objective, inner_lr=0.4, eval_inner_steps=3, vectorize=False)
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=3e-3)
     held_out = tasks.sample(100, "test", torch.Generator().manual_seed(1))
     for _ in range(60):
