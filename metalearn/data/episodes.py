@@ -6,14 +6,15 @@ meta-batch at once with tensor operations, so sampling costs microseconds per ep
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from metalearn.checks import positive_int
 from metalearn.objectives import Classification
-from metalearn.tasks import SPLITS, Split, TaskBatch
+from metalearn.tasks import SPLITS, Split, Task, TaskBatch
 
 
 class ClassImages:
@@ -122,3 +123,26 @@ class EpisodeSampler:
         support_y = labels[:, :, :shot].reshape(batch_size, way * shot)
         query_y = labels[:, :, shot:].reshape(batch_size, way * query)
         return TaskBatch(support_x, support_y, query_x, query_y)
+
+    def illustrate(self, predict: Callable[[Task, Tensor], tuple[Tensor, Tensor]], generator: torch.Generator,
+                   per_class: int = 3) -> Figure:
+        """One test episode: the support images of each class (top row), then query images titled with
+        the class predicted before -> after adaptation, green when the adapted prediction is right."""
+        task = self.sample(1, "test", generator)[0]
+        before, after = (p.argmax(dim=-1).cpu() for p in predict(task, task.query_x))
+        rows = 1 + min(per_class, self.k_query)
+        figure = Figure(figsize=(1.6 * self.n_way, 1.7 * rows), layout="constrained")
+        axes = figure.subplots(rows, self.n_way, squeeze=False)
+        for c in range(self.n_way):
+            shown = [(task.support_x[task.support_y == c][0], f"support {c}", "black")]
+            for i in torch.nonzero(task.query_y == c).flatten()[: rows - 1].tolist():
+                colour = "tab:green" if int(after[i]) == c else "tab:red"
+                shown.append((task.query_x[i], f"{int(before[i])} -> {int(after[i])}", colour))
+            for r, (image, title, colour) in enumerate(shown):
+                pixels = image.permute(1, 2, 0).cpu().numpy()
+                axes[r, c].imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray")
+                axes[r, c].set_title(title, color=colour, fontsize="small")
+        for ax in axes.flat:
+            ax.axis("off")
+        figure.suptitle("query: predicted class before -> after adaptation")
+        return figure

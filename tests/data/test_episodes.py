@@ -87,3 +87,22 @@ def test_class_images_validates_its_inputs() -> None:
         ClassImages(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), ["a"])
     with pytest.raises(ValueError, match="one entry per image"):
         ClassImages(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), ["a"])
+
+
+def test_illustration_shows_support_and_query_predictions() -> None:
+    s = sampler()
+    seen: list[int] = []
+
+    def predict(task, x):  # type: ignore[no-untyped-def]
+        seen.append(len(x))
+        logits = torch.zeros(len(x), 3)
+        logits[:, 1] = 1.0  # always predicts class 1
+        return torch.zeros(len(x), 3), logits
+
+    figure = s.illustrate(predict, torch.Generator().manual_seed(0))
+    axes = figure.axes
+    assert seen == [9] and len(axes) == 4 * 3
+    titles = [ax.get_title() for ax in axes]
+    assert titles[:3] == ["support 0", "support 1", "support 2"]
+    assert titles[3:6] == ["0 -> 1"] * 3
+    assert axes[4].title.get_color() == "tab:green" and axes[3].title.get_color() == "tab:red"
