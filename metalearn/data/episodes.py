@@ -24,9 +24,11 @@ class ClassImages:
         images: uint8 images.
         labels: class index of each image, in [0, len(class_names)).
         class_names: a name per class (e.g. `Alphabet/character01/rot090`).
+        groups: optional group index per class (e.g. Omniglot's alphabet), for within-group episodes.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, class_names: Sequence[str]) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, class_names: Sequence[str],
+                 groups: Tensor | None = None) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -37,6 +39,9 @@ class ClassImages:
         self.class_names = list(class_names)
         self.counts = torch.bincount(self.labels, minlength=len(self.class_names))
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.groups = groups if groups is not None else torch.zeros(len(self.class_names), dtype=torch.int64)
+        if self.groups.shape != (len(self.class_names),):
+            raise ValueError(f"groups must have one entry per class, got {tuple(self.groups.shape)}")
 
     @property
     def num_classes(self) -> int:
@@ -62,11 +67,13 @@ class EpisodeSampler:
         splits: the image collection of each split.
         n_way, k_shot, k_query: the evaluation (and default training) episode shape.
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
+        within_group: draw all classes of an episode from one group (e.g. one Omniglot alphabet).
     """
 
     def __init__(
         self, splits: Mapping[Split, ClassImages], n_way: int, k_shot: int, k_query: int,
         train_n_way: int | None = None, train_k_shot: int | None = None, train_k_query: int | None = None,
+        within_group: bool = False,
     ) -> None:
         evaluation = (positive_int("n_way", n_way), positive_int("k_shot", k_shot), positive_int("k_query", k_query))
         training = (
@@ -78,6 +85,7 @@ class EpisodeSampler:
         self.shapes: dict[Split, tuple[int, int, int]] = {s: training if s == "train" else evaluation for s in SPLITS}
         self.n_way, self.k_shot, self.k_query = evaluation
         self.objective = Classification()
+        self.within_group = within_group
         for split, images in self.splits.items():
             self._check_fits(split, images)
         first = next(iter(self.splits.values()))
@@ -93,6 +101,8 @@ class EpisodeSampler:
         prefix = "train_" if split == "train" and self.shapes["train"] != self.shapes["val"] else ""
         if way > images.num_classes:
             raise ValueError(f"{prefix}n_way={way}: the {split} split has only {images.num_classes} classes")
+        if self.within_group and int(torch.bincount(images.groups).max()) < way:
+            raise ValueError(f"{prefix}n_way={way}: no group of the {split} split has that many classes")
         smallest = int(images.counts.min())
         if shot + query > smallest:
             raise ValueError(f"{prefix}k_shot={shot} + {prefix}k_query={query}: the {split} split has classes "
@@ -107,6 +117,11 @@ class EpisodeSampler:
         per_class = shot + query
         # Distinct classes per episode: the first `way` of a random permutation (via random keys).
         class_keys = torch.rand(batch_size, data.num_classes, generator=generator)
+        if self.within_group:  # one group per episode, uniformly among the groups with enough classes
+            sizes = torch.bincount(data.groups).to(torch.float32)
+            chosen = torch.multinomial((sizes >= way).to(torch.float32), batch_size, replacement=True,
+                                       generator=generator)
+            class_keys[data.groups.unsqueeze(0) != chosen.unsqueeze(1)] = -1.0
         classes = class_keys.topk(way, dim=1).indices  # [B, way]
         # Distinct images per class: random keys, padding positions past the class size last.
         counts = data.counts[classes]  # [B, way]

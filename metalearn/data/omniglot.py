@@ -102,6 +102,8 @@ def _classes(images: torch.Tensor, characters: list[str], names: list[str]) -> C
     for i, character in enumerate(characters):
         by_character.setdefault(character, []).append(i)
     parts, labels = [], []
+    alphabets = sorted({name.split("/", 1)[0] for name in names})
+    groups = torch.tensor([alphabets.index(name.split("/", 1)[0]) for name in names])
     for label, name in enumerate(names):
         character, _, rotation = name.partition("/rot")
         if character not in by_character:
@@ -111,7 +113,7 @@ def _classes(images: torch.Tensor, characters: list[str], names: list[str]) -> C
             drawings = torch.rot90(drawings, int(rotation) // 90, dims=(-2, -1))
         parts.append(drawings)
         labels.append(torch.full((len(drawings),), label, dtype=torch.int64))
-    return ClassImages(torch.cat(parts), torch.cat(labels), names)
+    return ClassImages(torch.cat(parts), torch.cat(labels), names, groups)
 
 
 class Omniglot(EpisodeSampler):
@@ -124,12 +126,14 @@ class Omniglot(EpisodeSampler):
         image_size: side of the square images (28 in the standard benchmark).
         cache_dir: where decoded images are cached (None: no cache).
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
+        within_alphabet: draw each episode's characters from a single alphabet (Lake et al.'s
+            within-alphabet one-shot task; harder, since characters of one alphabet look alike).
     """
 
     def __init__(
         self, root: str, split: str = "vinyals", n_way: int = 5, k_shot: int = 1, k_query: int = 15,
         image_size: int = 28, cache_dir: str | None = None, train_n_way: int | None = None,
-        train_k_shot: int | None = None, train_k_query: int | None = None,
+        train_k_shot: int | None = None, train_k_query: int | None = None, within_alphabet: bool = False,
     ) -> None:
         one_of("split", split, SCHEMES)
         positive_int("image_size", image_size)
@@ -145,4 +149,5 @@ class Omniglot(EpisodeSampler):
             train = load_archive(base, "background" if split == "lake" else split, image_size, cache)
             test = _classes(*evaluation, sorted(set(evaluation[1])))
             splits = {"train": _classes(*train, sorted(set(train[1]))), "val": test, "test": test}
-        super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query)
+        super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
+                         within_group=within_alphabet)

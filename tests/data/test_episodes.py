@@ -106,3 +106,19 @@ def test_illustration_shows_support_and_query_predictions() -> None:
     assert titles[:3] == ["support 0", "support 1", "support 2"]
     assert titles[3:6] == ["0 -> 1"] * 3
     assert axes[4].title.get_color() == "tab:green" and axes[3].title.get_color() == "tab:red"
+
+
+def test_within_group_episodes_stay_in_one_group() -> None:
+    groups = torch.tensor([0] * 4 + [1] * 5 + [2] * 2 + [3])  # groups 2 and 3 are too small for 3-way
+    data = make_classes([6] * 12)
+    data = ClassImages(data.images, data.labels, data.class_names, groups)
+    s = EpisodeSampler({"train": data}, n_way=3, k_shot=1, k_query=1, within_group=True)
+    batch = s.sample(400, "train", torch.Generator().manual_seed(0))
+    used = set()
+    for task in batch:
+        episode_groups = {int(groups[i // 1000]) for i in identities(task.support_x).tolist()}
+        assert len(episode_groups) == 1
+        used |= episode_groups
+    assert used == {0, 1}
+    with pytest.raises(ValueError, match="n_way=6: no group"):
+        EpisodeSampler({"train": data}, n_way=6, k_shot=1, k_query=1, within_group=True)

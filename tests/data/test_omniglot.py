@@ -85,3 +85,16 @@ def test_bad_settings_are_named(omniglot_root: Path, cache_dir: Path) -> None:
         Omniglot(str(omniglot_root), split="bogus")
     with pytest.raises(ValueError, match="k_shot=10 \\+ k_query=15: the train split has classes with only 20"):
         Omniglot(str(omniglot_root), k_shot=10, cache_dir=str(cache_dir))
+
+
+def test_lake_within_alphabet(omniglot_root: Path, cache_dir: Path) -> None:
+    data = Omniglot(str(omniglot_root), split="lake", within_alphabet=True, n_way=20, cache_dir=str(cache_dir))
+    assert int(data.splits["train"].groups.max()) + 1 == 30 and int(data.splits["test"].groups.max()) + 1 == 20
+    test = data.splits["test"]
+    batch = data.sample(20, "test", torch.Generator().manual_seed(0))
+    for task in batch:
+        # Map each support image back to its class (exact pixel match) and check one alphabet per episode.
+        flat = test.images.flatten(1).float() / 255
+        rows = torch.cdist(task.support_x.flatten(1), flat).argmin(dim=1)
+        alphabets = {test.class_names[int(test.labels[r])].split("/")[0] for r in rows}
+        assert len(alphabets) == 1
