@@ -27,6 +27,7 @@ from PIL import Image
 
 from metalearn.checkpoint import atomic_save
 from metalearn.checks import one_of, positive_int
+from metalearn.data.download import download as fetch_dataset
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.tasks import Split
 
@@ -128,16 +129,25 @@ class Omniglot(EpisodeSampler):
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         within_alphabet: draw each episode's characters from a single alphabet (Lake et al.'s
             within-alphabet one-shot task; harder, since characters of one alphabet look alike).
+        download: fetch the archives this split needs into `root` if missing (checksummed).
+        mirror: fetch from this base URL instead of the official repository.
     """
 
     def __init__(
         self, root: str, split: str = "vinyals", n_way: int = 5, k_shot: int = 1, k_query: int = 15,
         image_size: int = 28, cache_dir: str | None = None, train_n_way: int | None = None,
         train_k_shot: int | None = None, train_k_query: int | None = None, within_alphabet: bool = False,
+        download: bool = False, mirror: str | None = None,
     ) -> None:
         one_of("split", split, SCHEMES)
         positive_int("image_size", image_size)
         base, cache = Path(root).expanduser(), Path(cache_dir).expanduser() if cache_dir else None
+        if download:
+            needed = ("background", "evaluation") if split in ("vinyals", "lake") else (split, "evaluation")
+            missing = [f"{ARCHIVES[a]}.zip" for a in needed
+                       if not (base / f"{ARCHIVES[a]}.zip").is_file() and not (base / ARCHIVES[a]).is_dir()]
+            if missing:
+                fetch_dataset("omniglot", base, mirror=mirror, only=missing)
         evaluation = load_archive(base, "evaluation", image_size, cache)
         splits: dict[Split, ClassImages]
         if split == "vinyals":

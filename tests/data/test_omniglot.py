@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -98,3 +99,13 @@ def test_lake_within_alphabet(omniglot_root: Path, cache_dir: Path) -> None:
         rows = torch.cdist(task.support_x.flatten(1), flat).argmin(dim=1)
         alphabets = {test.class_names[int(test.labels[r])].split("/")[0] for r in rows}
         assert len(alphabets) == 1
+
+
+def test_download_true_fetches_missing_archives(omniglot_root: Path, tmp_path: Path) -> None:
+    """dataset.download=true fetches exactly the missing archives (from a file:// mirror here) and loads them."""
+    root = tmp_path / "omniglot"
+    root.mkdir()
+    shutil.copy(omniglot_root / "images_evaluation.zip", root)
+    data = Omniglot(str(root), split="small1", download=True, mirror=omniglot_root.as_uri(), image_size=8)
+    assert sorted(p.name for p in root.iterdir()) == ["images_background_small1.zip", "images_evaluation.zip"]
+    assert data.splits["train"].num_classes == 136
