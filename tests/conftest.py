@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from tests.fakes import make_fake_cifar100, make_fake_image_folder, make_fake_miniimagenet
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 # The real datasets: ../shared/data beside the project, or $METALEARN_DATA_DIR.
@@ -59,9 +61,29 @@ def omniglot_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    """Generated stand-ins, in the real layouts, for the datasets whose files are not available here:
+    the dataset settings (per `dataset` option) that point a composed config at them, at tiny sizes."""
+    root = tmp_path_factory.mktemp("fake_data")
+    split_dir = make_fake_miniimagenet(root / "miniimagenet", classes_per_split=(6, 5, 5), images_per_class=6)
+    make_fake_cifar100(root / "cifar100", train_per_class=2, test_per_class=2)
+    make_fake_image_folder(root / "my_dataset", classes_per_split=(6, 5, 5), images_per_class=4)
+    tiny = {"image_size": 16, "k_query": 2}
+    return {
+        "miniimagenet": {"root": str(root / "miniimagenet"), "split_dir": str(split_dir), **tiny},
+        "cifarfs": {"root": str(root / "cifar100"), **tiny},
+        "fc100": {"root": str(root / "cifar100"), **tiny},
+        "image_folder": {"root": str(root / "my_dataset"), **tiny},
+    }
+
+
 @pytest.fixture
-def compose_cfg(tmp_path: Path, cache_dir: Path) -> Iterator[Composer]:
-    """Compose `train.yaml` with overrides (tiny trainer settings first), writing into tmp_path."""
+def compose_cfg(tmp_path: Path, cache_dir: Path, fake_data: dict[str, dict[str, object]]) -> Iterator[Composer]:
+    """Compose `train.yaml` with overrides (tiny trainer settings first), writing into tmp_path.
+
+    Datasets without real files here (see `fake_data`) are pointed at generated data of the same layout.
+    """
 
     def _compose(*overrides: str, tiny: bool = True) -> DictConfig:
         GlobalHydra.instance().clear()
@@ -72,6 +94,8 @@ def compose_cfg(tmp_path: Path, cache_dir: Path) -> Iterator[Composer]:
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.data_dir = str(DATA_DIR)
             cfg.paths.cache_dir = str(cache_dir)
+            for key, value in fake_data.get(cfg.hydra.runtime.choices.dataset, {}).items():
+                cfg.dataset[key] = value
             del cfg.hydra
         return cfg
 

@@ -32,7 +32,10 @@ def test_experiment_runs(experiment: str, compose_cfg: Composer) -> None:
 
 
 # The model each dataset option is paired with; every dataset option must appear here.
-MODEL_FOR = {"sinusoid": "mlp", "omniglot": "conv4"}
+MODEL_FOR = {
+    "sinusoid": "mlp", "omniglot": "conv4", "miniimagenet": "conv4", "cifarfs": "resnet12", "fc100": "conv4",
+    "image_folder": "resnet12",
+}
 
 
 def test_every_dataset_has_a_model() -> None:

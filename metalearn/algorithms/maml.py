@@ -25,6 +25,26 @@ from metalearn.objectives import Objective
 from metalearn.tasks import Task, TaskBatch
 
 
+def running_statistics(model: nn.Module) -> list[str]:
+    """Names of the model's normalisation layers that update running statistics while training."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def choose_vectorize(model: nn.Module, vectorize: bool | str) -> bool:
+    """Resolve `vectorize` (true, false or "auto") for `model`; a clear error for a combination vmap cannot run."""
+    if vectorize == "auto":
+        convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        return not convolutional and not running_statistics(model)
+    if not isinstance(vectorize, bool):
+        raise ValueError(f"vectorize={vectorize!r}: must be true, false or auto")
+    if vectorize and running_statistics(model):
+        raise ValueError(f"vectorize=True: the model's BatchNorm layers ({running_statistics(model)[0]}, ...) keep "
+                         "running statistics, which vmap cannot update per task; set vectorize to false or auto, "
+                         "or use batch statistics only (model.norm=batch)")
+    return vectorize
+
+
 class MAML(MetaAlgorithm):
     """MAML with true second-order meta-gradients by default.
 
@@ -35,9 +55,11 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (defaults to `inner_steps`).
         first_order: treat inner gradients as constants (FOMAML).
-        vectorize: process the meta-batch with `torch.func.vmap` instead of a loop over tasks.
+        vectorize: process the meta-batch with `torch.func.vmap` (true) or a loop over tasks (false).
             Both give the same gradients; vmap pays for small, dispatch-bound models such as the
-            sinusoid MLP and costs time and memory for convolutional ones on CPU.
+            sinusoid MLP and costs time and memory for convolutional ones on CPU (docs/performance.md).
+            "auto" (the default) picks vmap unless the model has convolutions or BatchNorm running
+            statistics (which vmap cannot update per task).
     """
 
     def __init__(
@@ -48,7 +70,7 @@ class MAML(MetaAlgorithm):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
-        vectorize: bool = True,
+        vectorize: bool | str = "auto",
     ) -> None:
         super().__init__(model, objective)
         self.inner_lr = non_negative_float("inner_lr", inner_lr)
@@ -57,7 +79,7 @@ class MAML(MetaAlgorithm):
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps
         )
         self.first_order = bool(first_order)
-        self.vectorize = bool(vectorize)
+        self.vectorize = choose_vectorize(model, vectorize)
 
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:
         """One inner step; subclasses with learned step sizes override this."""

@@ -68,12 +68,14 @@ class EpisodeSampler:
         n_way, k_shot, k_query: the evaluation (and default training) episode shape.
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         within_group: draw all classes of an episode from one group (e.g. one Omniglot alphabet).
+        channels: image channels the configuration expects (models size their input from it); checked
+            against the images, None: not checked.
     """
 
     def __init__(
         self, splits: Mapping[Split, ClassImages], n_way: int, k_shot: int, k_query: int,
         train_n_way: int | None = None, train_k_shot: int | None = None, train_k_query: int | None = None,
-        within_group: bool = False,
+        within_group: bool = False, channels: int | None = None,
     ) -> None:
         evaluation = (positive_int("n_way", n_way), positive_int("k_shot", k_shot), positive_int("k_query", k_query))
         training = (
@@ -90,6 +92,8 @@ class EpisodeSampler:
             self._check_fits(split, images)
         first = next(iter(self.splits.values()))
         self.input_shape = first.image_shape
+        if channels is not None and channels != self.input_shape[0]:
+            raise ValueError(f"channels={channels!r}: the images of this dataset have {self.input_shape[0]} channel(s)")
 
     @property
     def output_size(self) -> int:

@@ -131,13 +131,14 @@ class Omniglot(EpisodeSampler):
             within-alphabet one-shot task; harder, since characters of one alphabet look alike).
         download: fetch the archives this split needs into `root` if missing (checksummed).
         mirror: fetch from this base URL instead of the official repository.
+        channels: must be 1 (Omniglot is grayscale); models read their input channels from it.
     """
 
     def __init__(
         self, root: str, split: str = "vinyals", n_way: int = 5, k_shot: int = 1, k_query: int = 15,
         image_size: int = 28, cache_dir: str | None = None, train_n_way: int | None = None,
         train_k_shot: int | None = None, train_k_query: int | None = None, within_alphabet: bool = False,
-        download: bool = False, mirror: str | None = None,
+        download: bool = False, mirror: str | None = None, channels: int = 1,
     ) -> None:
         one_of("split", split, SCHEMES)
         positive_int("image_size", image_size)
@@ -160,4 +161,4 @@ class Omniglot(EpisodeSampler):
             test = _classes(*evaluation, sorted(set(evaluation[1])))
             splits = {"train": _classes(*train, sorted(set(train[1]))), "val": test, "test": test}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
-                         within_group=within_alphabet)
+                         within_group=within_alphabet, channels=channels)

@@ -445,3 +445,18 @@ def test_parameter_unused_by_the_loss_gets_zero_gradient(vectorize: bool, first_
     algorithm.meta_train_step(SinusoidTasks().sample(3, "train", torch.Generator().manual_seed(0)))
     assert model.linear.weight.grad is not None and model.linear.weight.grad.abs().sum() > 0
     assert model.unused.grad is None or torch.equal(model.unused.grad, torch.zeros(3))
+
+
+def test_vectorize_auto_follows_the_model() -> None:
+    """auto: vmap for a dense model; the per-task loop for convolutions or BatchNorm running statistics;
+    an explicit vmap request on running statistics is a clear error, not a crash inside vmap."""
+    from metalearn.models.conv import Conv4
+
+    dense = MAML(linear_model(), Regression())
+    conv = MAML(Conv4(1, 5, 28, hidden=4, norm="batch"), Regression())
+    running = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    assert dense.vectorize and not conv.vectorize and not MAML(running, Regression()).vectorize
+    with pytest.raises(ValueError, match=r"^vectorize=True: .*\(1, .*running statistics"):
+        MAML(running, Regression(), vectorize=True)
+    with pytest.raises(ValueError, match=r"^vectorize='yes'"):
+        MAML(linear_model(), Regression(), vectorize="yes")

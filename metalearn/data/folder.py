@@ -1,0 +1,201 @@
+"""Episodes from your own images: one folder per class, or `filename,label` CSV split files.
+
+Two layouts are read:
+    folders: `root/<split>/<class>/<image>`, e.g. `root/train/cat/001.jpg`; the class is the folder name.
+    CSV: `root/images/<filename>` plus `<csv_dir>/<split>.csv` with the header `filename,label`, the
+        layout of the mini-ImageNet split files of Ravi & Larochelle (2017), "Optimization as a model for
+        few-shot learning", ICLR.
+
+Each image is converted to grayscale ("L") or RGB, resized to a square with Lanczos filtering (aspect
+ratio is not kept, as in the standard mini-ImageNet preprocessing), and stored as uint8. Decoded splits
+are cached in `cache_dir`, keyed by the files' paths, sizes and modification times.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metalearn.checks import positive_int
+from metalearn.data.cache import cache_path, cached, file_identity
+from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.tasks import SPLITS, Split
+
+log = logging.getLogger(__name__)
+
+MODES = {1: "L", 3: "RGB"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+CACHE_VERSION = 1
+Rows = list[tuple[str, str]]  # (image path relative to the dataset root, class name)
+
+
+def check_channels(channels: int) -> int:
+    """Return `channels` if it is 1 (grayscale) or 3 (RGB), else raise ValueError naming it."""
+    if isinstance(channels, bool) or channels not in MODES:
+        raise ValueError(f"channels={channels!r}: must be 1 (grayscale) or 3 (RGB)")
+    return channels
+
+
+def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A Pillow image as uint8 [channels, image_size, image_size], resized with Lanczos filtering if needed."""
+    image = image.convert(MODES[channels])
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[np.newaxis] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _decode(path: Path, image_size: int, channels: int) -> np.ndarray:
+    with Image.open(path) as image:
+        # JPEGs are decoded at a reduced scale (still >= image_size) when that is possible: several
+        # times faster for mini-ImageNet's ~500px photos, and Lanczos resizing follows anyway.
+        image.draft(MODES[channels], (image_size, image_size))
+        return to_array(image, image_size, channels)
+
+
+def read_csv_rows(text: str, origin: str) -> Rows:
+    """Parse a `filename,label` split CSV into (`images/<filename>`, label) rows.
+
+    Args:
+        text: the CSV's contents, starting with the header line `filename,label`.
+        origin: the CSV's name, for error messages.
+
+    Returns:
+        One row per image, in file order.
+    """
+    lines = list(csv.reader(text.splitlines()))
+    if not lines or [cell.strip() for cell in lines[0]] != ["filename", "label"]:
+        raise ValueError(f"{origin}: the first line must be the header `filename,label`")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if len(line) != 2:
+            if line:
+                raise ValueError(f"{origin}, line {number}: expected `filename,label`, got {','.join(line)!r}")
+            continue
+        rows.append((f"images/{line[0].strip()}", line[1].strip()))
+    return rows
+
+
+def folder_rows(root: Path, split_dir: str) -> Rows:
+    """(`<split_dir>/<class>/<image>`, class) rows for every image file under `root/<split_dir>`, sorted."""
+    base = root / split_dir
+    rows = [(path.relative_to(root).as_posix(), path.parent.name)
+            for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            for path in sorted(folder.iterdir())
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
+    if not rows:
+        raise FileNotFoundError(f"root={str(root)!r}: no images in {base}/<class>/ (file types: "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    return rows
+
+
+def _identity(root: Path, rows: Rows, origin: str) -> list[tuple[str, int, int]]:
+    """The files' identity for the cache key; a clear FileNotFoundError naming a missing file."""
+    files = [root / path for path, _ in rows]
+    try:
+        return file_identity(files)
+    except FileNotFoundError:
+        missing = [f for f in files if not f.is_file()]
+        if not missing:
+            raise
+        raise FileNotFoundError(f"root={str(root)!r}: {missing[0]} is missing ({origin} names it; "
+                                f"{len(missing)} of {len(files)} listed images are missing)") from None
+
+
+def load_split(root: Path, rows: Rows, origin: str, *, image_size: int, channels: int,
+               cache_dir: Path | None, name: str) -> ClassImages:
+    """Decode the images of one split (cached) as a ClassImages with classes in sorted name order.
+
+    Args:
+        root: the dataset folder the row paths are relative to.
+        rows: (image path, class name) per image.
+        origin: where the rows came from (a CSV or folder), for error messages.
+        image_size: side of the square images.
+        channels: 1 (grayscale) or 3 (RGB).
+        cache_dir: where decoded splits are cached (None: no cache).
+        name: readable start of the cache file name, e.g. `miniimagenet-train`.
+
+    Returns:
+        The split's images, uint8 [N, channels, image_size, image_size].
+    """
+    if not rows:
+        raise ValueError(f"root={str(root)!r}: {origin} lists no images")
+    absolute = root.resolve()
+    identity = (rows, image_size, channels, _identity(absolute, rows, origin))
+    cache = cache_path(cache_dir, f"{name}-{image_size}px-{channels}ch-v{CACHE_VERSION}", identity)
+
+    def build() -> dict[str, Any]:
+        log.info("Decoding %d images of %s (once; cached in %s)", len(rows), origin, cache_dir)
+        class_names = sorted({label for _, label in rows})
+        index = {label: i for i, label in enumerate(class_names)}
+        images = torch.empty(len(rows), channels, image_size, image_size, dtype=torch.uint8)
+        pixels = images.numpy()  # filled in place: no second copy of a large split
+        for i, (path, _) in enumerate(rows):
+            pixels[i] = _decode(absolute / path, image_size, channels)
+        labels = torch.tensor([index[label] for _, label in rows], dtype=torch.int64)
+        return {"images": images, "labels": labels, "class_names": class_names}
+
+    saved = cached(cache, build)
+    return ClassImages(saved["images"], saved["labels"], saved["class_names"])
+
+
+class ImageFolder(EpisodeSampler):
+    """N-way K-shot episodes over a user's own image collection.
+
+    Args:
+        root: the dataset folder, holding `<split>/<class>/<image>` folders, or `images/<filename>`
+            when `csv_dir` is given.
+        n_way, k_shot, k_query: episode shape at evaluation (and at training unless overridden).
+        image_size: side of the square images.
+        channels: 1 (grayscale) or 3 (RGB).
+        cache_dir: where decoded images are cached (None: no cache).
+        split_dirs: the folders (or, with `csv_dir`, the CSV file stems) of the train, val and test
+            splits; name one folder twice to use it for two splits (e.g. `[train, test, test]`).
+        csv_dir: folder of `<split>.csv` files (`filename,label`), relative to `root` unless absolute.
+        train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
+    """
+
+    def __init__(
+        self, root: str, n_way: int, k_shot: int, k_query: int, image_size: int, channels: int = 3,
+        cache_dir: str | None = None, split_dirs: Sequence[str] = ("train", "val", "test"),
+        csv_dir: str | None = None, train_n_way: int | None = None, train_k_shot: int | None = None,
+        train_k_query: int | None = None,
+    ) -> None:
+        positive_int("image_size", image_size)
+        check_channels(channels)
+        names = [str(name) for name in split_dirs]
+        if len(names) != len(SPLITS):
+            raise ValueError(f"split_dirs={names!r}: must name the train, val and test folders (three names)")
+        base = Path(root).expanduser()
+        cache = Path(cache_dir).expanduser() if cache_dir else None
+        loaded: dict[str, ClassImages] = {}
+        for name in dict.fromkeys(names):
+            rows, origin = self._rows(base, name, names, csv_dir)
+            loaded[name] = load_split(base, rows, origin, image_size=image_size, channels=channels,
+                                      cache_dir=cache, name=f"imagefolder-{name}")
+        splits: dict[Split, ClassImages] = {split: loaded[name] for split, name in zip(SPLITS, names)}
+        super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
+                         channels=channels)
+
+    @staticmethod
+    def _rows(root: Path, name: str, names: list[str], csv_dir: str | None) -> tuple[Rows, str]:
+        """The rows of split `name` and where they came from; a FileNotFoundError that shows the layout."""
+        if csv_dir is not None:
+            path = root / Path(csv_dir).expanduser() / f"{name}.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"root={str(root)!r}: no split file {path}; with csv_dir set, put "
+                                        f"{', '.join(n + '.csv' for n in names)} (header `filename,label`) in "
+                                        f"{path.parent} and the images at {root / 'images'}/<filename>")
+            return read_csv_rows(path.read_text(), str(path)), str(path)
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"root={str(root)!r}: no {name}/ folder there; put the images at "
+                                    f"{root}/<split>/<class>/<image> with <split> in {', '.join(names)} "
+                                    f"(or give csv_dir for `filename,label` CSV splits)")
+        return folder_rows(root, name), str(root / name)
