@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params, buffers_of, forward_with
+from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
 from metalearn.tasks import Task, TaskBatch
 
@@ -78,6 +79,8 @@ class MetaAlgorithm(nn.Module, ABC):
         buffers = buffers_of(self.model)
         adapted = self.adapt(task)
         with torch.no_grad():
+            set_adaptation_step(self.model, 0)
             before = self.model(x)
+            set_adaptation_step(self.model, None)
             after = forward_with(self.model, adapted, buffers, x)
         return before, after

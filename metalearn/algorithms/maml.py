@@ -21,6 +21,7 @@ from torch.func import grad, vmap
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params, buffers_of, detach_all, forward_with, params_of, sgd_step
 from metalearn.checks import non_negative_float, positive_int
+from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
 from metalearn.tasks import Task, TaskBatch
 
@@ -94,8 +95,10 @@ class MAML(MetaAlgorithm):
             return self.objective.loss(forward_with(self.model, p, buffers, x), y)
 
         for step in range(steps):
+            set_adaptation_step(self.model, step)
             grads = self._gradients(support_loss, params, create_graph)
             params = self.inner_update(params, grads, step)
+        set_adaptation_step(self.model, None)
         return params
 
     def _gradients(self, loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
@@ -120,6 +123,7 @@ class MAML(MetaAlgorithm):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Query loss after adaptation (differentiable), then detached pre-loss, score, pre-score."""
         with torch.no_grad():
+            set_adaptation_step(self.model, 0)
             before = forward_with(self.model, params, buffers, query_x)
         adapted = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
         after = forward_with(self.model, adapted, buffers, query_x)

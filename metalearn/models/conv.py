@@ -7,28 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.checks import one_of, positive_int
+from metalearn.models.norm import NORMS, norm_layer
 
-NORMS = ("batch", "batch_running", "group", "none")
 DOWNSAMPLES = ("maxpool", "stride")
-
-
-def norm_layer(norm: str, channels: int) -> nn.Module:
-    """The normalisation after each convolution.
-
-    batch: BatchNorm with the statistics of the current batch only, at training and at test
-        (MAML's transductive setting; no running statistics, so it is safe under vmap and never leaks
-        statistics across tasks).
-    batch_running: standard BatchNorm with running statistics used at evaluation.
-    group: GroupNorm with 4 channels per group.
-    none: identity.
-    """
-    if norm == "batch":
-        return nn.BatchNorm2d(channels, track_running_stats=False)
-    if norm == "batch_running":
-        return nn.BatchNorm2d(channels)
-    if norm == "group":
-        return nn.GroupNorm(max(1, channels // 4), channels)
-    return nn.Identity()
 
 
 class Conv4(nn.Module):
@@ -40,14 +21,15 @@ class Conv4(nn.Module):
         image_size: side of the square input images (to size the head).
         hidden: filters per convolution (64 for Omniglot; MAML uses 32 on mini-ImageNet).
         blocks: number of conv blocks.
-        norm: batch, batch_running, group or none (see `norm_layer`).
+        norm: batch, batch_running, batch_per_step, group or none (see `metalearn.models.norm`).
         downsample: maxpool (2x2 max-pooling after each block) or stride (stride-2 convolutions,
             MAML's Omniglot network).
+        norm_steps: inner steps with their own normalisation weights (norm=batch_per_step only).
     """
 
     def __init__(
         self, in_channels: int, out_features: int | None, image_size: int, hidden: int = 64, blocks: int = 4,
-        norm: str = "batch", downsample: str = "maxpool",
+        norm: str = "batch", downsample: str = "maxpool", norm_steps: int = 1,
     ) -> None:
         super().__init__()
         one_of("norm", norm, NORMS)
@@ -58,7 +40,7 @@ class Conv4(nn.Module):
         for _ in range(positive_int("blocks", blocks)):
             stride = 2 if downsample == "stride" else 1
             layers += [nn.Conv2d(channels, positive_int("hidden", hidden), 3, stride=stride, padding=1),
-                       norm_layer(norm, hidden), nn.ReLU()]
+                       norm_layer(norm, hidden, norm_steps), nn.ReLU()]
             if downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))
             channels = hidden

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.checks import one_of, positive_int
-from metalearn.models.conv import NORMS, norm_layer
+from metalearn.models.norm import NORMS, norm_layer
 
 POOLS = ("avg", "flatten")
 
@@ -16,16 +16,17 @@ POOLS = ("avg", "flatten")
 class ResidualBlock(nn.Module):
     """Three 3x3 conv-norm-LeakyReLU(0.1) layers with a 1x1 projection shortcut, then 2x2 max-pooling."""
 
-    def __init__(self, in_channels: int, channels: int, norm: str) -> None:
+    def __init__(self, in_channels: int, channels: int, norm: str, norm_steps: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(3):
             layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
-                       norm_layer(norm, channels)]
+                       norm_layer(norm, channels, norm_steps)]
             if i < 2:
                 layers.append(nn.LeakyReLU(0.1))
         self.body = nn.Sequential(*layers)
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), norm_layer(norm, channels))
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False),
+                                      norm_layer(norm, channels, norm_steps))
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -40,13 +41,15 @@ class ResNet12(nn.Module):
         out_features: classes of the linear head; None for an embedding network.
         image_size: side of the square input images (to size the head).
         channels: output channels of the four blocks.
-        norm: batch, batch_running, group or none (see `metalearn.models.conv.norm_layer`).
+        norm: batch, batch_running, batch_per_step, group or none (see `metalearn.models.norm`).
         pool: avg (global average pooling, a 640-d embedding) or flatten (keep the spatial map).
+        norm_steps: inner steps with their own normalisation weights (norm=batch_per_step only).
     """
 
     def __init__(
         self, in_channels: int, out_features: int | None, image_size: int,
         channels: Sequence[int] = (64, 160, 320, 640), norm: str = "batch_running", pool: str = "avg",
+        norm_steps: int = 1,
     ) -> None:
         super().__init__()
         one_of("norm", norm, NORMS)
@@ -55,7 +58,7 @@ class ResNet12(nn.Module):
         blocks: list[nn.Module] = []
         previous = positive_int("in_channels", in_channels)
         for i, width in enumerate(channels):
-            blocks.append(ResidualBlock(previous, positive_int(f"channels[{i}]", width), norm))
+            blocks.append(ResidualBlock(previous, positive_int(f"channels[{i}]", width), norm, norm_steps))
             previous = width
         reduce: list[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if pool == "avg" else []
         self.features = nn.Sequential(*blocks, *reduce, nn.Flatten())
