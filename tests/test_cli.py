@@ -136,6 +136,11 @@ def test_ckpt_path_continues_that_run(tmp_path: Path) -> None:
         ("experiment=maml_omniglot_5w1s_quick paths.data_dir=/no/data", ["dataset.root='/no/data/omniglot'"]),
         ("experiment=maml_omniglot_5w1s_quick dataset.n_way=700", ["dataset.n_way=700", "688 classes"]),
         ("experiment=maml_omniglot_5w1s_quick model=mlp", ["model:"]),
+        ("experiment=maml_omniglot_5w1s_quick dataset.k_query=20", ["dataset.k_query=20: with k_shot=1", "only 20 "]),
+        ("experiment=maml_omniglot_5w1s_quick dataset.channels=3", ["dataset.channels=3", "1 channel"]),
+        ("experiment=maml_miniimagenet_5w1s paths.data_dir=/no/data", ["/no/data/miniimagenet", "images/"]),
+        ("experiment=maml_cifarfs_5w1s paths.data_dir=/no/data", ["/no/data/cifar100", "download cifar100"]),
+        ("experiment=maml_omniglot_5w1s_quick algorithm.vectorize=maybe", ["algorithm.vectorize='maybe'"]),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, override: str, expected: list[str]) -> None:

@@ -109,8 +109,8 @@ class EpisodeSampler:
             raise ValueError(f"{prefix}n_way={way}: no group of the {split} split has that many classes")
         smallest = int(images.counts.min())
         if shot + query > smallest:
-            raise ValueError(f"{prefix}k_shot={shot} + {prefix}k_query={query}: the {split} split has classes "
-                             f"with only {smallest} images")
+            raise ValueError(f"{prefix}k_query={query}: with {prefix}k_shot={shot} an episode needs {shot + query} "
+                             f"images per class; the {split} split has classes with only {smallest} images")
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         """Draw `batch_size` episodes from `split` using only `generator`."""

@@ -73,7 +73,8 @@ def test_training_shape_may_differ_from_evaluation() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"n_way": 6}, "n_way=6: the val split has only 5 classes"),
-    ({"k_shot": 4, "k_query": 3}, "k_shot=4 \\+ k_query=3: the val split has classes with only 5 images"),
+    ({"k_shot": 4, "k_query": 3}, "k_query=3: with k_shot=4 an episode needs 7 images per class; the val split has "
+                                  "classes with only 5 images"),
     ({"train_n_way": 13}, "train_n_way=13: the train split has only 12 classes"),
     ({"k_shot": 0}, "k_shot=0"),
 ])

@@ -84,7 +84,8 @@ def test_missing_archives_say_what_to_do(tmp_path: Path) -> None:
 def test_bad_settings_are_named(omniglot_root: Path, cache_dir: Path) -> None:
     with pytest.raises(ValueError, match="split='bogus'"):
         Omniglot(str(omniglot_root), split="bogus")
-    with pytest.raises(ValueError, match="k_shot=10 \\+ k_query=15: the train split has classes with only 20"):
+    with pytest.raises(ValueError, match="k_query=15: with k_shot=10 an episode needs 25 images per class; the train "
+                       "split has classes with only 20"):
         Omniglot(str(omniglot_root), k_shot=10, cache_dir=str(cache_dir))
 
 
