@@ -142,6 +142,7 @@ class Trainer:
     def _train_step(self) -> tuple[dict[str, float], float]:
         batch = self.tasks.sample(self.meta_batch_size, "train", self.generator).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        self.algorithm.set_progress(self.step, self.max_steps)
         result = self.algorithm.meta_train_step(batch)
         params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()

@@ -61,6 +61,13 @@ class MetaAlgorithm(nn.Module, ABC):
         self.model = model
         self.objective = objective
 
+    def set_progress(self, step: int, max_steps: int) -> None:
+        """Called by the trainer before each meta-training step with the 0-based index of that step.
+
+        Algorithms with schedules (annealed loss weights or step sizes, first order for the early
+        steps) derive them from this alone, so a resumed run follows the same schedule. No-op by default.
+        """
+
     @abstractmethod
     def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
         """Run the inner loop on the task's support set; return the adapted parameters."""
