@@ -95,7 +95,7 @@ def _make(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
 def _config_error(key: str, ex: Exception) -> ConfigError:
     message = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
     # Argument checks phrase their messages as `name=value: ...`; prefix the config path to them.
-    return ConfigError(f"{key}.{message}" if re.match(r"^[\w\[\]]+=", message) else f"{key}: {message}")
+    return ConfigError(f"{key}.{message}" if re.match(r"^[\w.\[\]]+=", message) else f"{key}: {message}")
 
 
 def check_learning_rates(node: Any, path: str = "") -> None:

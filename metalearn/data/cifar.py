@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from metalearn.checks import positive_int
+from metalearn.data.augment import Augment
 from metalearn.data.cache import cache_path, cached, file_identity
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.folder import to_array
@@ -199,17 +200,19 @@ class CIFARFS(EpisodeSampler):
         cache_dir: where decoded images are cached (None: no cache).
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         channels: must be 3 (colour); models read their input channels from it.
+        augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
     """
 
     def __init__(
         self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15, image_size: int = 32,
         cache_dir: str | None = None, train_n_way: int | None = None, train_k_shot: int | None = None,
         train_k_query: int | None = None, channels: int = 3,
+        augment: Augment | None = None,
     ) -> None:
         data = load_cifar100(Path(root).expanduser(), image_size, Path(cache_dir).expanduser() if cache_dir else None)
         splits = {split: select_classes(data, CIFAR_FS_CLASSES[split]) for split in SPLITS}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
-                         channels=channels)
+                         channels=channels, augment=augment)
 
 
 class FC100(EpisodeSampler):
@@ -223,14 +226,16 @@ class FC100(EpisodeSampler):
         cache_dir: where decoded images are cached (None: no cache).
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         channels: must be 3 (colour); models read their input channels from it.
+        augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
     """
 
     def __init__(
         self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15, image_size: int = 32,
         cache_dir: str | None = None, train_n_way: int | None = None, train_k_shot: int | None = None,
         train_k_query: int | None = None, channels: int = 3,
+        augment: Augment | None = None,
     ) -> None:
         data = load_cifar100(Path(root).expanduser(), image_size, Path(cache_dir).expanduser() if cache_dir else None)
         splits = {split: select_classes(data, fc100_classes(data, FC100_SUPERCLASSES[split])) for split in SPLITS}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
-                         channels=channels)
+                         channels=channels, augment=augment)

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from metalearn.checks import positive_int
+from metalearn.data.augment import Augment
 from metalearn.objectives import Classification
 from metalearn.tasks import SPLITS, Split, Task, TaskBatch
 
@@ -70,12 +71,15 @@ class EpisodeSampler:
         within_group: draw all classes of an episode from one group (e.g. one Omniglot alphabet).
         channels: image channels the configuration expects (models size their input from it); checked
             against the images, None: not checked.
+        augment: random augmentation of training episodes (support and query images alike, each image
+            its own draw, from the episode's generator); validation and test episodes are never
+            augmented. None: no augmentation.
     """
 
     def __init__(
         self, splits: Mapping[Split, ClassImages], n_way: int, k_shot: int, k_query: int,
         train_n_way: int | None = None, train_k_shot: int | None = None, train_k_query: int | None = None,
-        within_group: bool = False, channels: int | None = None,
+        within_group: bool = False, channels: int | None = None, augment: Augment | None = None,
     ) -> None:
         evaluation = (positive_int("n_way", n_way), positive_int("k_shot", k_shot), positive_int("k_query", k_query))
         training = (
@@ -88,6 +92,7 @@ class EpisodeSampler:
         self.n_way, self.k_shot, self.k_query = evaluation
         self.objective = Classification()
         self.within_group = within_group
+        self.augment = augment if augment is not None and augment.active else None
         for split, images in self.splits.items():
             self._check_fits(split, images)
         first = next(iter(self.splits.values()))
@@ -136,6 +141,8 @@ class EpisodeSampler:
         index = data.offsets[classes].unsqueeze(-1) + picks
         images = data.images[index.flatten()].view(batch_size, way, per_class, *data.image_shape)
         images = images.to(torch.float32).div_(255.0)
+        if self.augment is not None and split == "train":
+            images = self.augment(images, generator)
         labels = torch.arange(way).view(1, way, 1).expand(batch_size, way, per_class)
         support_x = images[:, :, :shot].reshape(batch_size, way * shot, *data.image_shape)
         query_x = images[:, :, shot:].reshape(batch_size, way * query, *data.image_shape)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from metalearn.checks import positive_int
+from metalearn.data.augment import Augment
 from metalearn.data.cache import cache_path, cached, file_identity
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.tasks import SPLITS, Split
@@ -160,13 +161,14 @@ class ImageFolder(EpisodeSampler):
             splits; name one folder twice to use it for two splits (e.g. `[train, test, test]`).
         csv_dir: folder of `<split>.csv` files (`filename,label`), relative to `root` unless absolute.
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
+        augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
     """
 
     def __init__(
         self, root: str, n_way: int, k_shot: int, k_query: int, image_size: int, channels: int = 3,
         cache_dir: str | None = None, split_dirs: Sequence[str] = ("train", "val", "test"),
         csv_dir: str | None = None, train_n_way: int | None = None, train_k_shot: int | None = None,
-        train_k_query: int | None = None,
+        train_k_query: int | None = None, augment: Augment | None = None,
     ) -> None:
         positive_int("image_size", image_size)
         check_channels(channels)
@@ -182,7 +184,7 @@ class ImageFolder(EpisodeSampler):
                                       cache_dir=cache, name=f"imagefolder-{name}")
         splits: dict[Split, ClassImages] = {split: loaded[name] for split, name in zip(SPLITS, names)}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
-                         channels=channels)
+                         channels=channels, augment=augment)
 
     @staticmethod
     def _rows(root: Path, name: str, names: list[str], csv_dir: str | None) -> tuple[Rows, str]:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from metalearn.checks import positive_int
+from metalearn.data.augment import Augment
 from metalearn.data.download import miniimagenet_layout
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.folder import check_channels, load_split, read_csv_rows
@@ -55,12 +56,14 @@ class MiniImageNet(EpisodeSampler):
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         split_dir: a folder of `train.csv`, `val.csv` and `test.csv` to use instead of the shipped split.
         channels: 3 (RGB, standard) or 1 (converted to grayscale).
+        augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
     """
 
     def __init__(
         self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15, image_size: int = 84,
         cache_dir: str | None = None, train_n_way: int | None = None, train_k_shot: int | None = None,
         train_k_query: int | None = None, split_dir: str | None = None, channels: int = 3,
+        augment: Augment | None = None,
     ) -> None:
         positive_int("image_size", image_size)
         check_channels(channels)
@@ -76,4 +79,4 @@ class MiniImageNet(EpisodeSampler):
             splits[split] = load_split(base, read_csv_rows(text, origin), origin, image_size=image_size,
                                        channels=channels, cache_dir=cache, name=f"miniimagenet-{split}")
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
-                         channels=channels)
+                         channels=channels, augment=augment)

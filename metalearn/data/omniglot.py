@@ -27,6 +27,7 @@ from PIL import Image
 
 from metalearn.checkpoint import atomic_save
 from metalearn.checks import one_of, positive_int
+from metalearn.data.augment import Augment
 from metalearn.data.download import download as fetch_dataset
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.tasks import Split
@@ -132,6 +133,7 @@ class Omniglot(EpisodeSampler):
         download: fetch the archives this split needs into `root` if missing (checksummed).
         mirror: fetch from this base URL instead of the official repository.
         channels: must be 1 (Omniglot is grayscale); models read their input channels from it.
+        augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class Omniglot(EpisodeSampler):
         image_size: int = 28, cache_dir: str | None = None, train_n_way: int | None = None,
         train_k_shot: int | None = None, train_k_query: int | None = None, within_alphabet: bool = False,
         download: bool = False, mirror: str | None = None, channels: int = 1,
+        augment: Augment | None = None,
     ) -> None:
         one_of("split", split, SCHEMES)
         positive_int("image_size", image_size)
@@ -161,4 +164,4 @@ class Omniglot(EpisodeSampler):
             test = _classes(*evaluation, sorted(set(evaluation[1])))
             splits = {"train": _classes(*train, sorted(set(train[1]))), "val": test, "test": test}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
-                         within_group=within_alphabet, channels=channels)
+                         within_group=within_alphabet, channels=channels, augment=augment)
