@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -25,7 +27,10 @@ def forward_with(module: nn.Module, params: Mapping[str, Tensor], buffers: Mappi
     return functional_call(module, {**params, **buffers}, (x,))
 
 
-def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: float | Mapping[str, Tensor]) -> Params:
+LearningRate = float | Mapping[str, Tensor]
+
+
+def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate) -> Params:
     """One plain gradient step, `p - lr * g`, with a scalar or a per-parameter learning rate."""
     if isinstance(lr, Mapping):
         return {name: p - lr[name] * grads[name] for name, p in params.items()}
@@ -35,3 +40,69 @@ def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: floa
 def detach_all(tensors: Mapping[str, Tensor]) -> Params:
     """Detached copies of the tensors (same storage, no graph)."""
     return {name: t.detach() for name, t in tensors.items()}
+
+
+class InnerOptimizer(Protocol):
+    """A functional optimizer for inner loops: pure functions of tensors, so that the outer pass can
+    differentiate through its updates (and `torch.func.vmap` can batch them)."""
+
+    def init(self, params: Mapping[str, Tensor]) -> Any:
+        """The optimizer state before the first step."""
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate,
+             state: Any) -> tuple[Params, Any]:
+        """The updated parameters and state."""
+
+
+class InnerSGD:
+    """Plain gradient descent, `p - lr * g` (stateless)."""
+
+    def init(self, params: Mapping[str, Tensor]) -> None:
+        return None
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate,
+             state: None) -> tuple[Params, None]:
+        return sgd_step(params, grads, lr), None
+
+
+class InnerAdam:
+    """Adam (Kingma and Ba, 2015) written with differentiable tensor operations.
+
+    Args:
+        betas: decay rates of the first and second moment estimates (Reptile uses beta1 = 0).
+        eps: added to the root of the second moment.
+    """
+
+    def __init__(self, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"inner_betas={list(betas)!r}: must be two numbers in [0, 1)")
+        if not eps > 0:
+            raise ValueError(f"inner_eps={eps!r}: must be positive")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+
+    def init(self, params: Mapping[str, Tensor]) -> tuple[int, Params, Params]:
+        zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+        return 0, zeros, dict(zeros)
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate,
+             state: tuple[int, Params, Params]) -> tuple[Params, tuple[int, Params, Params]]:
+        t, m, v = state
+        t += 1
+        b1, b2 = self.betas
+        m = {name: b1 * m[name] + (1 - b1) * g for name, g in grads.items()}
+        v = {name: b2 * v[name] + (1 - b2) * g * g for name, g in grads.items()}
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        # sqrt has an infinite derivative at 0 (a zero gradient entry); the clamp keeps second order
+        # finite and changes the value by at most 1e-15.
+        direction = {name: (m[name] / c1) / (torch.sqrt((v[name] / c2).clamp_min(1e-30)) + self.eps) for name in grads}
+        return sgd_step(params, direction, lr), (t, m, v)
+
+
+def make_inner_optimizer(name: str, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
+    """The inner optimizer called `name` (sgd or adam)."""
+    if name == "sgd":
+        return InnerSGD()
+    if name == "adam":
+        return InnerAdam(betas, eps)
+    raise ValueError(f"inner_optimizer={name!r}: must be one of sgd, adam")

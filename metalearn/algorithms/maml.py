@@ -11,15 +11,18 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
-from metalearn.algorithms.functional import Params, buffers_of, detach_all, forward_with, params_of, sgd_step
+from metalearn.algorithms.functional import (
+    LearningRate, Params, buffers_of, detach_all, forward_with, make_inner_optimizer, params_of,
+)
 from metalearn.checks import non_negative_float, positive_int
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
@@ -56,6 +59,11 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (defaults to `inner_steps`).
         first_order: treat inner gradients as constants (FOMAML).
+        inner_optimizer: `sgd` (the paper's) or `adam` (differentiable; `inner_betas`, `inner_eps`).
+        inner_betas, inner_eps: Adam's moment decay rates and epsilon.
+        second_order_steps: differentiate only the first k inner steps to second order and treat the
+            gradients of later steps as constants. Second-order memory grows with every
+            differentiated step, so this bounds it (docs/performance.md). None: all steps.
         vectorize: process the meta-batch with `torch.func.vmap` (true) or a loop over tasks (false).
             Both give the same gradients; vmap pays for small, dispatch-bound models such as the
             sinusoid MLP and costs time and memory for convolutional ones on CPU (docs/performance.md).
@@ -71,6 +79,10 @@ class MAML(MetaAlgorithm):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        inner_optimizer: str = "sgd",
+        inner_betas: Sequence[float] = (0.9, 0.999),
+        inner_eps: float = 1e-8,
+        second_order_steps: int | None = None,
         vectorize: bool | str = "auto",
     ) -> None:
         super().__init__(model, objective)
@@ -80,26 +92,45 @@ class MAML(MetaAlgorithm):
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps
         )
         self.first_order = bool(first_order)
+        self.optimizer = make_inner_optimizer(inner_optimizer, inner_betas, inner_eps)
+        self.second_order_steps = (None if second_order_steps is None
+                                   else positive_int("second_order_steps", second_order_steps))
         self.vectorize = choose_vectorize(model, vectorize)
 
-    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
-        """One inner step; subclasses with learned step sizes override this."""
-        return sgd_step(params, grads, self.inner_lr)
+    def step_size(self, step: int) -> LearningRate:
+        """The inner learning rate of inner step `step`: a number, or a tensor per parameter name.
+        Subclasses with learned step sizes (Meta-SGD, MAML++) override this."""
+        return self.inner_lr
+
+    def inner_update(self, params: Params, grads: Params, step: int, state: Any) -> tuple[Params, Any]:
+        """One inner step: the inner optimizer with this step's step size."""
+        return self.optimizer.step(params, grads, self.step_size(step), state)
 
     def _inner_loop(
         self, params: Params, buffers: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool
-    ) -> Params:
-        """The one inner loop, shared by training, evaluation and `adapt`."""
+    ) -> list[Params]:
+        """The one inner loop, shared by training, evaluation and `adapt`: the parameters after each
+        of the `steps` inner steps."""
 
         def support_loss(p: Params) -> Tensor:
             return self.objective.loss(forward_with(self.model, p, buffers, x), y)
 
+        trajectory, state = [], self.optimizer.init(params)
         for step in range(steps):
             set_adaptation_step(self.model, step)
-            grads = self._gradients(support_loss, params, create_graph)
-            params = self.inner_update(params, grads, step)
+            second_order = create_graph and (self.second_order_steps is None or step < self.second_order_steps)
+            grads = self._gradients(support_loss, params, second_order)
+            params, state = self.inner_update(params, grads, step, state)
+            trajectory.append(params)
         set_adaptation_step(self.model, None)
-        return params
+        return trajectory
+
+    def outer_loss(self, trajectory: list[Params], buffers: Params, query_x: Tensor,
+                   query_y: Tensor) -> tuple[Tensor, Tensor]:
+        """The outer objective of one task and the adapted model's query predictions: MAML's is the
+        query loss after the last inner step. MAML++'s multi-step loss overrides this."""
+        after = forward_with(self.model, trajectory[-1], buffers, query_x)
+        return self.objective.loss(after, query_y), after
 
     def _gradients(self, loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
         """Gradients of `loss_fn` at `params`; differentiable by the outer pass iff `create_graph`.
@@ -125,9 +156,8 @@ class MAML(MetaAlgorithm):
         with torch.no_grad():
             set_adaptation_step(self.model, 0)
             before = forward_with(self.model, params, buffers, query_x)
-        adapted = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
-        after = forward_with(self.model, adapted, buffers, query_x)
-        loss = self.objective.loss(after, query_y)
+        trajectory = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
+        loss, after = self.outer_loss(trajectory, buffers, query_x, query_y)
         return (
             loss,
             self.objective.loss(before, query_y),
@@ -148,7 +178,7 @@ class MAML(MetaAlgorithm):
         if steps is None:
             steps = self.inner_steps if self.training else self.eval_inner_steps
         params, buffers = params_of(self.model), buffers_of(self.model)
-        return self._inner_loop(params, buffers, task.support_x, task.support_y, steps, create_graph)
+        return self._inner_loop(params, buffers, task.support_x, task.support_y, steps, create_graph)[-1]
 
     def meta_train_step(self, batch: TaskBatch) -> StepResult:
         loss, loss_pre, score, score_pre = self._batch_outcome(
