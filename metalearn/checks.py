@@ -14,6 +14,13 @@ def positive_int(name: str, value: int) -> int:
     return value
 
 
+def non_negative_int(name: str, value: int) -> int:
+    """Return `value` if it is an integer >= 0, else raise ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+    return value
+
+
 def non_negative_float(name: str, value: float) -> float:
     """Return `value` as a float if it is finite and >= 0, else raise ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

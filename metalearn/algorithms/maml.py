@@ -21,7 +21,13 @@ from torch.func import grad, vmap
 
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import (
-    LearningRate, Params, buffers_of, detach_all, forward_with, make_inner_optimizer, params_of,
+    LearningRate,
+    Params,
+    buffers_of,
+    detach_all,
+    forward_with,
+    make_inner_optimizer,
+    params_of,
 )
 from metalearn.checks import non_negative_float, positive_int
 from metalearn.models.norm import set_adaptation_step
@@ -102,6 +108,11 @@ class MAML(MetaAlgorithm):
         Subclasses with learned step sizes (Meta-SGD, MAML++) override this."""
         return self.inner_lr
 
+    def inner_batch(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """The support examples inner step `step` trains on: all of them. Reptile's minibatches
+        override this."""
+        return x, y
+
     def inner_update(self, params: Params, grads: Params, step: int, state: Any) -> tuple[Params, Any]:
         """One inner step: the inner optimizer with this step's step size."""
         return self.optimizer.step(params, grads, self.step_size(step), state)
@@ -112,12 +123,14 @@ class MAML(MetaAlgorithm):
         """The one inner loop, shared by training, evaluation and `adapt`: the parameters after each
         of the `steps` inner steps."""
 
-        def support_loss(p: Params) -> Tensor:
-            return self.objective.loss(forward_with(self.model, p, buffers, x), y)
-
         trajectory, state = [], self.optimizer.init(params)
         for step in range(steps):
             set_adaptation_step(self.model, step)
+            xs, ys = self.inner_batch(x, y, step)
+
+            def support_loss(p: Params, xs: Tensor = xs, ys: Tensor = ys) -> Tensor:
+                return self.objective.loss(forward_with(self.model, p, buffers, xs), ys)
+
             second_order = create_graph and (self.second_order_steps is None or step < self.second_order_steps)
             grads = self._gradients(support_loss, params, second_order)
             params, state = self.inner_update(params, grads, step, state)
@@ -165,13 +178,31 @@ class MAML(MetaAlgorithm):
             self.objective.score(before, query_y),
         )
 
-    def _batch_outcome(self, batch: TaskBatch, *, steps: int, create_graph: bool) -> tuple[Tensor, ...]:
+    def _batch_outcome(self, batch: TaskBatch, *, steps: int, create_graph: bool,
+                       backward: bool = False) -> tuple[Tensor, ...]:
+        """Per-task outcomes (see `_task_outcome`), stacked over the meta-batch.
+
+        With `backward`, also accumulate the gradient of the mean loss into `.grad` and return detached
+        values. On the per-task path each task is backpropagated as soon as its loss exists, so its
+        graph is freed before the next task's is built: second-order memory is that of one task, not
+        of the whole meta-batch (docs/performance.md), for the same gradient.
+        """
         params, buffers = params_of(self.model), buffers_of(self.model)
         fn = partial(self._task_outcome, steps=steps, create_graph=create_graph)
         tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         if self.vectorize:
-            return vmap(fn, in_dims=(None, None, 0, 0, 0, 0))(params, buffers, *tensors)
-        per_task = [fn(params, buffers, *task_tensors) for task_tensors in zip(*tensors)]
+            stacked = vmap(fn, in_dims=(None, None, 0, 0, 0, 0))(params, buffers, *tensors)
+            if backward:
+                stacked[0].mean().backward()
+                return tuple(value.detach() for value in stacked)
+            return stacked
+        per_task: list[tuple[Tensor, ...]] = []
+        for task_tensors in zip(*tensors):
+            outcome: tuple[Tensor, ...] = fn(params, buffers, *task_tensors)
+            if backward:
+                (outcome[0] / len(batch)).backward()
+                outcome = tuple(value.detach() for value in outcome)
+            per_task.append(outcome)
         return tuple(torch.stack(values) for values in zip(*per_task))
 
     def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
@@ -182,11 +213,9 @@ class MAML(MetaAlgorithm):
 
     def meta_train_step(self, batch: TaskBatch) -> StepResult:
         loss, loss_pre, score, score_pre = self._batch_outcome(
-            batch, steps=self.inner_steps, create_graph=not self.first_order
+            batch, steps=self.inner_steps, create_graph=not self.first_order, backward=True
         )
-        meta_loss = loss.mean()
-        meta_loss.backward()
-        return StepResult(meta_loss.item(), loss_pre.mean().item(), score.mean().item(), score_pre.mean().item())
+        return StepResult(loss.mean().item(), loss_pre.mean().item(), score.mean().item(), score_pre.mean().item())
 
     def evaluate(self, batch: TaskBatch) -> TaskScores:
         with torch.no_grad():

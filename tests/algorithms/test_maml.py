@@ -412,6 +412,9 @@ INVALID_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
     ("inner_steps=True", {"inner_steps": True}),
     ("eval_inner_steps=-2", {"eval_inner_steps": -2}),
     ("eval_inner_steps=0", {"eval_inner_steps": 0}),
+    ("inner_optimizer='rmsprop'", {"inner_optimizer": "rmsprop"}),
+    ("inner_betas=[1.0, 0.999]", {"inner_optimizer": "adam", "inner_betas": (1.0, 0.999)}),
+    ("second_order_steps=0", {"second_order_steps": 0}),
 ]
 
 
@@ -460,3 +463,84 @@ def test_vectorize_auto_follows_the_model() -> None:
         MAML(running, Regression(), vectorize=True)
     with pytest.raises(ValueError, match=r"^vectorize='yes'"):
         MAML(linear_model(), Regression(), vectorize="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Inner optimizers and second order bounded to the first k inner steps.
+# ---------------------------------------------------------------------------------------------
+
+
+@VECTORIZE
+def test_inner_adam_matches_torch_adam(vectorize: bool) -> None:
+    """Three inner Adam steps equal torch.optim.Adam's on the same support loss."""
+    model = tiny_tanh_mlp()
+    task = sinusoid_batch(1, seed=5, dtype=torch.float64, shots=5)[0]
+    algorithm = MAML(model, Regression(), inner_lr=0.03, inner_steps=3, inner_optimizer="adam",
+                     inner_betas=(0.5, 0.9), vectorize=vectorize)
+    adapted = algorithm.adapt(task)
+    reference = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(reference.values(), lr=0.03, betas=(0.5, 0.9), eps=1e-8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        mse_with(model, reference, task.support_x, task.support_y).backward()
+        optimizer.step()
+    assert_grads_close({n: p.detach() for n, p in adapted.items()}, {n: p.detach() for n, p in reference.items()},
+                       rtol=1e-10, atol=1e-12)
+
+
+@VECTORIZE
+def test_second_order_through_inner_adam_matches_finite_differences(vectorize: bool) -> None:
+    """The meta-gradient through two differentiable Adam steps equals central differences of the
+    post-adaptation query loss (which the test above ties to torch's Adam)."""
+    model = tiny_tanh_mlp()
+    batch = sinusoid_batch(2, seed=6, dtype=torch.float64, shots=5)
+    algorithm = MAML(model, Regression(), inner_lr=0.02, inner_steps=2, inner_optimizer="adam", vectorize=vectorize)
+    grads, result = meta_grads(algorithm, batch)
+    numeric = central_differences(model, lambda: algorithm.evaluate(batch).loss.mean().item())
+    assert result.meta_loss == pytest.approx(algorithm.evaluate(batch).loss.mean().item(), rel=1e-10)
+    assert_grads_close(grads, numeric, rtol=1e-5, atol=1e-8)
+
+
+def reference_truncated_grads(model: nn.Module, batch: TaskBatch, lr: float, steps: int, k: int) -> Params:
+    """Meta-gradient with the first `k` inner steps differentiated to second order and the later steps'
+    gradients taken at detached parameters (constants to the outer pass)."""
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for task in batch:
+        params = dict(model.named_parameters())
+        for step in range(steps):
+            if step < k:
+                grads = torch.autograd.grad(mse_with(model, params, task.support_x, task.support_y),
+                                            list(params.values()), create_graph=True)
+            else:
+                leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+                grads = torch.autograd.grad(mse_with(model, leaves, task.support_x, task.support_y),
+                                            list(leaves.values()))
+            params = {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
+        query = torch.autograd.grad(mse_with(model, params, task.query_x, task.query_y), list(model.parameters()))
+        for name, g in zip(total, query):
+            total[name] += g / len(batch)
+    return total
+
+
+@VECTORIZE
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_second_order_steps_bounds_the_differentiated_steps(k: int, vectorize: bool) -> None:
+    """second_order_steps=k differentiates the first k of 3 inner steps (k=3: all, i.e. plain MAML);
+    the result lies strictly between first-order and full second-order MAML for k < 3."""
+    model = tiny_tanh_mlp()
+    batch = sinusoid_batch(3, seed=13, dtype=torch.float64, shots=5)
+    lr = 0.05
+    bounded = MAML(model, Regression(), inner_lr=lr, inner_steps=3, second_order_steps=k, vectorize=vectorize)
+    grads, _ = meta_grads(bounded, batch)
+    assert_grads_close(grads, reference_truncated_grads(model, batch, lr, 3, k), rtol=1e-8, atol=1e-10)
+    full, _ = meta_grads(MAML(model, Regression(), inner_lr=lr, inner_steps=3, vectorize=vectorize), batch)
+    first, _ = meta_grads(MAML(model, Regression(), inner_lr=lr, inner_steps=3, first_order=True,
+                               vectorize=vectorize), batch)
+
+    def distance(a: Params, b: Params) -> float:
+        return max((a[n] - b[n]).abs().max().item() for n in a)
+
+    if k == 3:
+        assert distance(grads, full) < 1e-12
+    else:
+        assert distance(grads, full) > 1e-4 and distance(grads, first) > 1e-4

@@ -1,0 +1,149 @@
+"""Reptile: move the initialisation towards the weights that plain training on each task reaches.
+
+Each task's inner loop takes k steps of SGD or Adam on minibatches of its support set, from the
+shared initialisation theta to phi. The meta-step is theta <- theta + eps * mean_tasks(phi - theta):
+`meta_train_step` writes the pseudo-gradient mean_tasks(theta - phi) into `.grad`, so the trainer's
+optimizer performs it (plain SGD with lr = eps gives the paper's update; the paper anneals eps
+linearly to 0, `scheduler=linear`). Serial Reptile is a meta-batch of one task, batched Reptile a
+meta-batch of n: the same code. Reptile is first order by construction: no inner gradient is ever
+differentiated. The query set is only scored (meta_loss is the query loss after adaptation).
+
+References:
+    Nichol, A., Achiam, J. and Schulman, J. (2018). On First-Order Meta-Learning Algorithms.
+    arXiv preprint. https://arxiv.org/abs/1803.02999
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metalearn.algorithms.functional import Params, forward_with, params_of
+from metalearn.algorithms.maml import MAML
+from metalearn.checks import positive_int
+from metalearn.objectives import Objective
+from metalearn.tasks import Task, TaskBatch
+
+# Evaluation draws its minibatches from this fixed seed, so scores do not depend on when they are
+# taken; training step s uses seed s (a step index is never negative).
+EVAL_SEED = -1
+
+
+def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Tensor:
+    """Indices into a support set of `n` examples for `steps` minibatches of `batch_size`, shape [steps, batch_size].
+
+    As in the paper's code, the minibatches are consecutive chunks of a stream of fresh permutations
+    of the support set: each epoch (n consecutive positions) visits every example once, and a
+    minibatch straddles two epochs when `batch_size` does not divide `n`.
+    """
+    if batch_size > n:
+        raise ValueError(f"inner_batch_size={batch_size}: larger than the support set ({n} examples); "
+                         "use at most that or null for the full support set")
+    epochs = -(-steps * batch_size // n)
+    stream = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])
+    return stream[: steps * batch_size].view(steps, batch_size)
+
+
+class Reptile(MAML):
+    """Reptile on MAML's functional inner loop, evaluation and vmap / per-task paths.
+
+    Args:
+        model: the base model whose initialisation is meta-learned.
+        objective: the task family's loss and metric.
+        inner_lr: step size of the inner optimizer (the paper's Adam: 0.001).
+        inner_steps: inner steps during meta-training (the paper: 5 on Omniglot, 8 on Mini-ImageNet).
+        eval_inner_steps: inner steps at evaluation (the paper: 50); None: `inner_steps`.
+        inner_optimizer: `sgd` or `adam` (the paper's, with `inner_betas` = [0, 0.999]).
+        inner_betas, inner_eps: Adam's moment decay rates and epsilon.
+        inner_batch_size: support examples per inner step, drawn as consecutive chunks of fresh
+            shuffles of the support set (the paper: 10). None: every step uses the full support set.
+            The shuffles come from a generator seeded with the meta-step index given to
+            `set_progress` (training mode) or with `EVAL_SEED` (eval mode), never from the global
+            RNG, so a resumed run draws the same minibatches. All tasks of a meta-batch share them,
+            which lets the vmap path batch the tasks.
+        first_order: must be true (accepted so that the configuration can extend MAML's).
+        second_order_steps: must be None, for the same reason.
+        vectorize: vmap over the meta-batch (true), loop over tasks (false), or auto (see MAML).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        inner_lr: float = 0.001,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = 50,
+        inner_optimizer: str = "adam",
+        inner_betas: Sequence[float] = (0.0, 0.999),
+        inner_eps: float = 1e-8,
+        inner_batch_size: int | None = None,
+        first_order: bool = True,
+        second_order_steps: int | None = None,
+        vectorize: bool | str = "auto",
+    ) -> None:
+        if first_order is not True:
+            raise ValueError(f"first_order={first_order!r}: Reptile is first order by construction; must be true")
+        if second_order_steps is not None:
+            raise ValueError(f"second_order_steps={second_order_steps!r}: Reptile never differentiates through "
+                             "the inner loop; must be null")
+        super().__init__(model, objective, inner_lr=inner_lr, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=True, inner_optimizer=inner_optimizer,
+                         inner_betas=inner_betas, inner_eps=inner_eps, vectorize=vectorize)
+        self.inner_batch_size = None if inner_batch_size is None else positive_int("inner_batch_size",
+                                                                                   inner_batch_size)
+        self.progress_step = 0
+
+    def set_progress(self, step: int, max_steps: int) -> None:
+        self.progress_step = step
+
+    def _support_stream(self, x: Tensor, y: Tensor, steps: int, dim: int) -> tuple[Tensor, Tensor]:
+        """The support examples (along `dim`) that the inner steps see, in order: `steps` minibatches
+        of `inner_batch_size` back to back, or the support set itself without minibatches.
+
+        Drawn here, outside any vmap, because random operations cannot run inside one.
+        """
+        if self.inner_batch_size is None:
+            return x, y
+        generator = torch.Generator().manual_seed(self.progress_step if self.training else EVAL_SEED)
+        order = minibatch_indices(x.shape[dim], self.inner_batch_size, steps, generator).view(-1).to(x.device)
+        return x.index_select(dim, order), y.index_select(dim, order)
+
+    def inner_batch(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Inner step `step` trains on the step-th block of `inner_batch_size` examples of the support
+        stream (see `_support_stream`), or on the full support set without minibatches."""
+        if self.inner_batch_size is None:
+            return x, y
+        size = self.inner_batch_size
+        return x[step * size:(step + 1) * size], y[step * size:(step + 1) * size]
+
+    def outer_loss(self, trajectory: list[Params], buffers: Params, query_x: Tensor,
+                   query_y: Tensor) -> tuple[Tensor, Tensor]:
+        """The query loss after adaptation as value, with the gradient theta - phi.
+
+        The inner gradients are constants (first order), so phi depends on theta through the identity
+        alone, and <phi, stopgrad(theta - phi)> has gradient theta - phi. Adding it minus its own value
+        leaves the reported loss unchanged while MAML's backward pass (the mean over tasks) writes the
+        Reptile pseudo-gradient, on the vmap and the per-task paths alike.
+        """
+        phi, theta = trajectory[-1], params_of(self.model)
+        with torch.no_grad():
+            after = forward_with(self.model, phi, buffers, query_x)
+            loss = self.objective.loss(after, query_y)
+        pull = torch.stack([(p * (theta[name] - p).detach()).sum() for name, p in phi.items()]).sum()
+        return loss + (pull - pull.detach()), after
+
+    def _batch_outcome(self, batch: TaskBatch, *, steps: int, **options: Any) -> tuple[Tensor, ...]:
+        support_x, support_y = self._support_stream(batch.support_x, batch.support_y, steps, dim=1)
+        batch = TaskBatch(support_x, support_y, batch.query_x, batch.query_y)
+        return super()._batch_outcome(batch, steps=steps, **options)
+
+    def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
+        """The task's adapted parameters. Differentiable with respect to the model's parameters only
+        through the identity (first order), whatever `create_graph` says."""
+        if steps is None:
+            steps = self.inner_steps if self.training else self.eval_inner_steps
+        support_x, support_y = self._support_stream(task.support_x, task.support_y, steps, dim=0)
+        return super().adapt(Task(support_x, support_y, task.query_x, task.query_y), steps=steps)
