@@ -32,7 +32,8 @@ from metalearn.tasks import Task, TaskBatch
 EVAL_SEED = -1
 
 
-def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Tensor:
+def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator,
+                      key: str = "inner_batch_size") -> Tensor:
     """Indices into a support set of `n` examples for `steps` minibatches of `batch_size`, shape [steps, batch_size].
 
     As in the paper's code, the minibatches are consecutive chunks of a stream of fresh permutations
@@ -40,7 +41,7 @@ def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Gene
     minibatch straddles two epochs when `batch_size` does not divide `n`.
     """
     if batch_size > n:
-        raise ValueError(f"inner_batch_size={batch_size}: larger than the support set ({n} examples); "
+        raise ValueError(f"{key}={batch_size}: larger than the support set ({n} examples); "
                          "use at most that or null for the full support set")
     epochs = -(-steps * batch_size // n)
     stream = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])
@@ -64,6 +65,8 @@ class Reptile(MAML):
             `set_progress` (training mode) or with `EVAL_SEED` (eval mode), never from the global
             RNG, so a resumed run draws the same minibatches. All tasks of a meta-batch share them,
             which lets the vmap path batch the tasks.
+        eval_inner_batch_size: the same at evaluation (the paper: 5, a 5-way 1-shot support set);
+            None: `inner_batch_size`.
         first_order: must be true (accepted so that the configuration can extend MAML's).
         second_order_steps: must be None, for the same reason.
         vectorize: vmap over the meta-batch (true), loop over tasks (false), or auto (see MAML).
@@ -80,6 +83,7 @@ class Reptile(MAML):
         inner_betas: Sequence[float] = (0.0, 0.999),
         inner_eps: float = 1e-8,
         inner_batch_size: int | None = None,
+        eval_inner_batch_size: int | None = None,
         first_order: bool = True,
         second_order_steps: int | None = None,
         vectorize: bool | str = "auto",
@@ -94,10 +98,16 @@ class Reptile(MAML):
                          inner_betas=inner_betas, inner_eps=inner_eps, vectorize=vectorize)
         self.inner_batch_size = None if inner_batch_size is None else positive_int("inner_batch_size",
                                                                                    inner_batch_size)
+        self.eval_inner_batch_size = (self.inner_batch_size if eval_inner_batch_size is None
+                                      else positive_int("eval_inner_batch_size", eval_inner_batch_size))
         self.progress_step = 0
 
     def set_progress(self, step: int, max_steps: int) -> None:
         self.progress_step = step
+
+    def _batch_size(self) -> int | None:
+        """Support examples per inner step in the current mode (training or evaluation)."""
+        return self.inner_batch_size if self.training else self.eval_inner_batch_size
 
     def _support_stream(self, x: Tensor, y: Tensor, steps: int, dim: int) -> tuple[Tensor, Tensor]:
         """The support examples (along `dim`) that the inner steps see, in order: `steps` minibatches
@@ -105,18 +115,20 @@ class Reptile(MAML):
 
         Drawn here, outside any vmap, because random operations cannot run inside one.
         """
-        if self.inner_batch_size is None:
+        size = self._batch_size()
+        if size is None:
             return x, y
         generator = torch.Generator().manual_seed(self.progress_step if self.training else EVAL_SEED)
-        order = minibatch_indices(x.shape[dim], self.inner_batch_size, steps, generator).view(-1).to(x.device)
+        key = "inner_batch_size" if self.training else "eval_inner_batch_size"
+        order = minibatch_indices(x.shape[dim], size, steps, generator, key).view(-1).to(x.device)
         return x.index_select(dim, order), y.index_select(dim, order)
 
     def inner_batch(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Inner step `step` trains on the step-th block of `inner_batch_size` examples of the support
         stream (see `_support_stream`), or on the full support set without minibatches."""
-        if self.inner_batch_size is None:
+        size = self._batch_size()
+        if size is None:
             return x, y
-        size = self.inner_batch_size
         return x[step * size:(step + 1) * size], y[step * size:(step + 1) * size]
 
     def outer_loss(self, trajectory: list[Params], buffers: Params, query_x: Tensor,
