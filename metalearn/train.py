@@ -149,7 +149,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=_build(cfg.logger, "logger"), output_dir=output_dir, seed=cfg.seed, ckpt_path=ckpt_path,
         run_config=container,
     )
-    results = trainer.fit()
+    try:
+        results = trainer.fit()
+    except NonFiniteLossError as ex:
+        # The trainer knows no config keys; name the current values of the settings it suggests.
+        settings = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in ("algorithm.inner_lr", "optimizer.lr")
+                             if OmegaConf.select(cfg, key) is not None)
+        raise NonFiniteLossError(f"{ex} (now {settings})" if settings else str(ex)) from ex
     name = query_metric(tasks.objective.metric)
     test, n = results["test"], int(results["test"]["tasks"])
     print(f"Run directory: {output_dir.resolve()}")

@@ -147,9 +147,11 @@ class Trainer:
         params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()
         if not (math.isfinite(result.meta_loss) and math.isfinite(norm)):
+            last = self.ckpt_dir / "last.pt"
+            kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint written yet"
             raise NonFiniteLossError(
                 f"step {self.step + 1}: meta-loss {result.meta_loss} and meta-gradient norm {norm} are not both "
-                f"finite; stopped before updating the weights (last good checkpoint: {self.ckpt_dir / 'last.pt'}). "
+                f"finite; stopped before updating the weights ({kept}). "
                 "Lower optimizer.lr or algorithm.inner_lr, or set trainer.grad_clip.")
         self.optimizer.step()
         if self.scheduler:

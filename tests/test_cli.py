@@ -142,6 +142,7 @@ def test_ckpt_path_continues_that_run(tmp_path: Path) -> None:
         ("experiment=maml_cifarfs_5w1s paths.data_dir=/no/data", ["/no/data/cifar100", "download cifar100"]),
         ("experiment=maml_omniglot_5w1s_quick algorithm.vectorize=maybe", ["algorithm.vectorize='maybe'"]),
         ("experiment=maml_omniglot_5w1s_quick dataset.augment.degrees=-1", ["dataset.augment.degrees=-1"]),
+        ("algorithm.inner_lr=1e6", ["step 1: meta-loss", "no checkpoint written yet", "algorithm.inner_lr=1000000.0"]),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, override: str, expected: list[str]) -> None:

@@ -96,14 +96,23 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
 
 
 def test_non_finite_loss_stops_without_writing_nan_weights(tmp_path: Path) -> None:
-    """A diverging inner learning rate stops the run naming the step; saved weights stay finite."""
-    trainer = make_trainer(tmp_path, max_steps=50, inner_lr=1e9)
-    with pytest.raises(NonFiniteLossError, match=r"step \d+: .*algorithm.inner_lr"):
+    """A learning rate that diverges at step 7 stops the run naming the step and the settings; the
+    weights stay finite and the checkpoint of step 5 (checkpoint_every=5) is kept, untouched."""
+    trainer = make_trainer(tmp_path, max_steps=50)
+    original = trainer.algorithm.meta_train_step
+
+    def diverge_from_step_7(batch):  # type: ignore[no-untyped-def]
+        if trainer.step + 1 >= 7:
+            trainer.algorithm.inner_lr = 1e9  # type: ignore[assignment]
+        return original(batch)
+
+    trainer.algorithm.meta_train_step = diverge_from_step_7  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteLossError, match=r"^step 7: .*last good checkpoint: .*last\.pt.*algorithm\.inner_lr"):
         trainer.fit()
     assert all(torch.isfinite(p).all() for p in trainer.algorithm.parameters())
-    last = tmp_path / "checkpoints" / "last.pt"
-    if last.exists():
-        assert all(torch.isfinite(t).all() for t in load_checkpoint(last)["algorithm"].values())
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert saved["step"] == 5
+    assert all(torch.isfinite(t).all() for t in saved["algorithm"].values())
 
 
 def test_evaluation_sets_are_fixed(tmp_path: Path) -> None:
