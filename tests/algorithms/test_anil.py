@@ -5,7 +5,6 @@ per-step BatchNorm, learning on sinusoids and the head argument's checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import astuple
 
 import pytest
@@ -22,27 +21,17 @@ from metalearn.models.mlp import MLP
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Classification, Objective, Regression
 from metalearn.tasks import Task, TaskBatch
-
-VECTORIZE = pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
-
-
-def make_mlp(seed: int, hidden_sizes: tuple[int, ...] = (40, 40), activation: str = "relu",
-             dtype: torch.dtype = torch.float32) -> MLP:
-    """An MLP(1 -> 1) whose initialisation depends only on `seed` (the global RNG is restored)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MLP(1, 1, hidden_sizes=hidden_sizes, activation=activation)
-    return model.to(dtype)
-
-
-def tiny_tanh_mlp(seed: int = 0) -> MLP:
-    """A float64 MLP(1, 1, [3]) with tanh: body net.0 (6 parameters), head net.2 (4 parameters)."""
-    return make_mlp(seed, hidden_sizes=(3,), activation="tanh", dtype=torch.float64)
-
-
-def sinusoid_batch(n_tasks: int, seed: int, dtype: torch.dtype = torch.float64, shots: int = 5) -> TaskBatch:
-    batch = SinusoidTasks(k_shot=shots, k_query=shots).sample(n_tasks, "train", torch.Generator().manual_seed(seed))
-    return TaskBatch(*(t.to(dtype) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+from tests.algorithms.helpers import (
+    VECTORIZE,
+    assert_dicts_close,
+    central_differences,
+    make_mlp,
+    meta_grads,
+    sinusoid_batch,
+    sinusoid_run,
+    snapshot,
+    tiny_tanh_mlp,
+)
 
 
 def reference_query_loss(model: nn.Module, task: Task, head: str, lr: float, steps: int, objective: Objective,
@@ -67,39 +56,6 @@ def reference_meta_grads(model: nn.Module, batch: TaskBatch, head: str, lr: floa
                         for task in batch]).mean()
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return loss.item(), dict(zip(dict(model.named_parameters()), grads))
-
-
-def central_differences(model: nn.Module, objective: Callable[[], float], eps: float = 1e-6) -> Params:
-    """d objective / d parameter by central differences, one parameter entry at a time."""
-    grads = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat, g = p.view(-1), torch.zeros(p.numel(), dtype=p.dtype)
-            for i in range(p.numel()):
-                original = flat[i].item()
-                flat[i] = original + eps
-                plus = objective()
-                flat[i] = original - eps
-                minus = objective()
-                flat[i] = original  # a Python float holds a float64 exactly, so this restores bitwise
-                g[i] = (plus - minus) / (2 * eps)
-            grads[name] = g.view_as(p)
-    return grads
-
-
-def meta_grads(algorithm: MAML, batch: TaskBatch) -> tuple[Params, float]:
-    """The model's grads from one meta-training step (from zero) and the reported meta-loss."""
-    algorithm.zero_grad(set_to_none=True)
-    result = algorithm.meta_train_step(batch)
-    grads = {name: p.grad.clone() for name, p in algorithm.model.named_parameters() if p.grad is not None}
-    algorithm.zero_grad(set_to_none=True)
-    return grads, result.meta_loss
-
-
-def assert_all_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], **tolerances: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{n}: {m}", **tolerances)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +84,7 @@ def test_adapt_changes_only_the_head(steps: int, create_graph: bool, vectorize: 
     model = tiny_tanh_mlp()
     algorithm = ANIL(model, Regression(), inner_lr=0.1, inner_steps=steps, vectorize=vectorize)
     task = sinusoid_batch(1, seed=31)[0]
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = snapshot(model)
 
     adapted = algorithm.adapt(task, create_graph=create_graph)
 
@@ -169,17 +125,17 @@ def test_second_order_meta_gradient_matches_finite_differences(inner_steps: int,
     batch = sinusoid_batch(3, seed=33)
     algorithm = ANIL(model, objective, inner_lr=lr, inner_steps=inner_steps, vectorize=vectorize)
 
-    grads, meta_loss = meta_grads(algorithm, batch)
+    grads, result = meta_grads(algorithm, batch)
 
     def reference() -> float:
         with torch.enable_grad():
             losses = [reference_query_loss(model, task, "net.2", lr, inner_steps, objective, False) for task in batch]
         return torch.stack(losses).mean().item()
 
-    assert meta_loss == pytest.approx(reference(), rel=1e-10)
+    assert result.meta_loss == pytest.approx(reference(), rel=1e-10)
     assert algorithm.evaluate(batch).loss.mean().item() == pytest.approx(reference(), rel=1e-10)
     assert all(grads[name].abs().sum() > 0 for name in ("net.0.weight", "net.0.bias"))
-    assert_all_close(grads, central_differences(model, reference), rtol=1e-6, atol=1e-8)
+    assert_dicts_close(grads, central_differences(model, reference), rtol=1e-6, atol=1e-8)
 
 
 @VECTORIZE
@@ -192,12 +148,13 @@ def test_first_order_meta_gradient_matches_detached_reference(inner_steps: int, 
     first = ANIL(model, objective, inner_lr=lr, inner_steps=inner_steps, first_order=True, vectorize=vectorize)
     second = ANIL(model, objective, inner_lr=lr, inner_steps=inner_steps, vectorize=vectorize)
 
-    first_grads, first_loss = meta_grads(first, batch)
-    second_grads, second_loss = meta_grads(second, batch)
+    first_grads, first_result = meta_grads(first, batch)
+    second_grads, second_result = meta_grads(second, batch)
 
     expected_loss, expected = reference_meta_grads(model, batch, "net.2", lr, inner_steps, objective, False)
-    assert first_loss == pytest.approx(expected_loss, rel=1e-12) and second_loss == pytest.approx(expected_loss)
-    assert_all_close(first_grads, expected)
+    assert first_result.meta_loss == pytest.approx(expected_loss, rel=1e-12)
+    assert second_result.meta_loss == pytest.approx(expected_loss)
+    assert_dicts_close(first_grads, expected)
     difference = max((first_grads[n] - second_grads[n]).abs().max().item() for n in first_grads)
     assert difference > 1e-2 * max(g.abs().max().item() for g in second_grads.values())
 
@@ -218,11 +175,11 @@ def test_whole_model_head_equals_maml(first_order: bool, vectorize: bool) -> Non
         anil, maml = ANIL(model, Regression(), head=head, **options), MAML(model, Regression(), **options)
         assert anil.head_name == ""
 
-        assert_all_close(anil.adapt(batch[0]), maml.adapt(batch[0]))
-        anil_grads, anil_loss = meta_grads(anil, batch)
-        maml_grads, maml_loss = meta_grads(maml, batch)
-        assert anil_loss == pytest.approx(maml_loss, rel=1e-12)
-        assert_all_close(anil_grads, maml_grads)
+        assert_dicts_close(anil.adapt(batch[0]), maml.adapt(batch[0]))
+        anil_grads, anil_result = meta_grads(anil, batch)
+        maml_grads, maml_result = meta_grads(maml, batch)
+        assert anil_result.meta_loss == pytest.approx(maml_result.meta_loss, rel=1e-12)
+        assert_dicts_close(anil_grads, maml_grads)
         for actual, expected in zip(astuple(anil.evaluate(batch)), astuple(maml.evaluate(batch))):
             torch.testing.assert_close(actual, expected)
 
@@ -255,11 +212,11 @@ def test_conv4_matches_full_model_reference(norm: str, vectorize: bool) -> None:
     algorithm = ANIL(model, objective, inner_lr=0.4, inner_steps=2, vectorize=vectorize)
     assert algorithm.head_name == "head"
 
-    grads, meta_loss = meta_grads(algorithm, batch)
+    grads, result = meta_grads(algorithm, batch)
 
     expected_loss, expected = reference_meta_grads(model, batch, "head", 0.4, 2, objective, True)
-    assert meta_loss == pytest.approx(expected_loss, rel=1e-10)
-    assert_all_close(grads, expected)
+    assert result.meta_loss == pytest.approx(expected_loss, rel=1e-10)
+    assert_dicts_close(grads, expected)
     with torch.no_grad():
         set_adaptation_step(model, None)
         loss_pre = [objective.loss(model(task.query_x), task.query_y) for task in batch]
@@ -278,24 +235,13 @@ def test_conv4_matches_full_model_reference(norm: str, vectorize: bool) -> None:
 def test_short_sinusoid_run_learns_to_adapt() -> None:
     """300 meta-steps (meta-batch 10, Adam 3e-3) make one head-only step worth much more: the
     post-adaptation MSE on held-out tasks falls well below the pre-adaptation MSE."""
-    sampler = SinusoidTasks()
     # A head-only step needs a larger rate than MAML's 0.01 (measured after the same run: post 2.70).
-    algorithm = ANIL(make_mlp(seed=0), sampler.objective, inner_lr=0.05)
-    held_out = sampler.sample(100, "val", torch.Generator().manual_seed(123))
-    untrained = algorithm.evaluate(held_out)
-
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        optimizer.zero_grad(set_to_none=True)
-        algorithm.meta_train_step(sampler.sample(10, "train", generator))
-        optimizer.step()
-    trained = algorithm.evaluate(held_out)
+    algorithm = ANIL(make_mlp(seed=0), Regression(), inner_lr=0.05)
+    pre, post, untrained = sinusoid_run(algorithm, torch.optim.Adam(algorithm.parameters(), lr=3e-3), steps=300)
 
     # Measured: untrained pre 4.47 / post 4.07; trained pre 3.40 / post 1.46.
-    post, pre = trained.loss.mean().item(), trained.loss_pre.mean().item()
     assert post < 0.6 * pre
-    assert post < 0.6 * untrained.loss.mean().item()
+    assert post < 0.6 * untrained
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,56 +4,35 @@ hand-built references, vmap/loop agreement, side-effect freedom, and learning on
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from metalearn.algorithms.base import StepResult
 from metalearn.algorithms.functional import Params
 from metalearn.algorithms.maml import MAML
 from metalearn.data.sinusoid import SinusoidTasks
-from metalearn.models.mlp import MLP
 from metalearn.objectives import Regression
 from metalearn.tasks import Task, TaskBatch
-
-VECTORIZE = pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
-
+from tests.algorithms.helpers import (
+    VECTORIZE,
+    assert_dicts_close,
+    central_differences,
+    make_mlp,
+    meta_grads,
+    mse_with,
+    reference_first_order_grads,
+    sinusoid_batch,
+    sinusoid_run,
+    snapshot,
+    tiny_tanh_mlp,
+)
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: deterministic models and tasks, and a MAML reference written with plain autograd.
+# Helpers: a MAML reference written with plain autograd (the shared ones are in helpers.py).
 # ---------------------------------------------------------------------------------------------
-
-
-def make_mlp(
-    seed: int, hidden_sizes: tuple[int, ...] = (40, 40), activation: str = "relu", dtype: torch.dtype = torch.float32
-) -> MLP:
-    """An MLP(1 -> 1) whose initialisation depends only on `seed` (the global RNG is restored)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MLP(1, 1, hidden_sizes=hidden_sizes, activation=activation)
-    return model.to(dtype)
-
-
-def tiny_tanh_mlp(seed: int = 0) -> MLP:
-    """A float64 MLP(1, 1, [3]) with tanh: smooth, ten parameters, cheap to finite-difference."""
-    return make_mlp(seed, hidden_sizes=(3,), activation="tanh", dtype=torch.float64)
-
-
-def sinusoid_batch(n_tasks: int, seed: int, dtype: torch.dtype = torch.float32, shots: int = 10) -> TaskBatch:
-    """`n_tasks` sinusoid tasks drawn from their own generator, cast to `dtype`."""
-    batch = SinusoidTasks(k_shot=shots, k_query=shots).sample(n_tasks, "train", torch.Generator().manual_seed(seed))
-    return TaskBatch(
-        batch.support_x.to(dtype), batch.support_y.to(dtype), batch.query_x.to(dtype), batch.query_y.to(dtype)
-    )
-
-
-def mse_with(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(functional_call(model, params, (x,)), y)
 
 
 def reference_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, lr: float, steps: int) -> Params:
@@ -73,60 +52,6 @@ def reference_query_losses(model: nn.Module, batch: TaskBatch, lr: float, steps:
             adapted = reference_adapt(model, params, task.support_x, task.support_y, lr, steps)
             losses.append(mse_with(model, adapted, task.query_x, task.query_y).detach())
     return torch.stack(losses)
-
-
-def reference_first_order_grads(model: nn.Module, batch: TaskBatch, lr: float, steps: int) -> Params:
-    """FOMAML by hand: inner gradients detached, the meta-gradient is the query-loss gradient taken
-    with respect to the adapted parameters themselves, averaged over the batch."""
-    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    for task in batch:
-        params = {name: p.detach() for name, p in model.named_parameters()}
-        for _ in range(steps):
-            leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
-            grads = torch.autograd.grad(mse_with(model, leaves, task.support_x, task.support_y), list(leaves.values()))
-            params = {name: (p - lr * g).detach() for (name, p), g in zip(params.items(), grads)}
-        adapted = {name: p.clone().requires_grad_() for name, p in params.items()}
-        query_grads = torch.autograd.grad(mse_with(model, adapted, task.query_x, task.query_y), list(adapted.values()))
-        for name, g in zip(adapted, query_grads):
-            total[name] += g / len(batch)
-    return total
-
-
-def central_differences(model: nn.Module, objective: Callable[[], float], eps: float = 1e-6) -> Params:
-    """d objective / d parameter by central differences, one parameter entry at a time."""
-    grads = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat, g = p.view(-1), torch.zeros(p.numel(), dtype=p.dtype)
-            for i in range(p.numel()):
-                original = flat[i].item()
-                flat[i] = original + eps
-                plus = objective()
-                flat[i] = original - eps
-                minus = objective()
-                flat[i] = original  # a Python float holds a float64 exactly, so this restores bitwise
-                g[i] = (plus - minus) / (2 * eps)
-            grads[name] = g.view_as(p)
-    return grads
-
-
-def meta_grads(algorithm: MAML, batch: TaskBatch) -> tuple[Params, StepResult]:
-    """Run one meta-training step from zeroed gradients; return copies of the grads and the result."""
-    algorithm.zero_grad(set_to_none=True)
-    result = algorithm.meta_train_step(batch)
-    grads = {name: p.grad.clone() for name, p in algorithm.model.named_parameters() if p.grad is not None}
-    algorithm.zero_grad(set_to_none=True)
-    return grads, result
-
-
-def snapshot(model: nn.Module) -> Params:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def assert_grads_close(actual: Params, expected: Params, **tolerances: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{n}: {m}", **tolerances)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +124,7 @@ def test_second_order_meta_gradient_matches_finite_differences(inner_steps: int,
     """`meta_train_step`'s grads equal central differences of the mean post-adaptation query loss,
     and its reported meta-loss (and `evaluate`'s) equal that objective."""
     model = tiny_tanh_mlp()
-    batch = sinusoid_batch(3, seed=11, dtype=torch.float64, shots=5)
+    batch = sinusoid_batch(3, seed=11)
     lr = 0.05
     algorithm = MAML(model, Regression(), inner_lr=lr, inner_steps=inner_steps, vectorize=vectorize)
 
@@ -209,7 +134,7 @@ def test_second_order_meta_gradient_matches_finite_differences(inner_steps: int,
 
     assert result.meta_loss == pytest.approx(objective.item(), rel=1e-10)
     torch.testing.assert_close(algorithm.evaluate(batch).loss.mean(), objective)
-    assert_grads_close(grads, numeric, rtol=1e-6, atol=1e-8)
+    assert_dicts_close(grads, numeric, rtol=1e-6, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +148,7 @@ def test_first_order_meta_gradient_matches_detached_reference(inner_steps: int, 
     """FOMAML's grads equal the query gradient at the adapted parameters with inner gradients
     detached, and differ clearly from the second-order grads."""
     model = tiny_tanh_mlp()
-    batch = sinusoid_batch(3, seed=12, dtype=torch.float64, shots=5)
+    batch = sinusoid_batch(3, seed=12)
     lr = 0.05
     first = MAML(model, Regression(), inner_lr=lr, inner_steps=inner_steps, first_order=True, vectorize=vectorize)
     second = MAML(model, Regression(), inner_lr=lr, inner_steps=inner_steps, first_order=False, vectorize=vectorize)
@@ -231,7 +156,7 @@ def test_first_order_meta_gradient_matches_detached_reference(inner_steps: int, 
     first_grads, first_result = meta_grads(first, batch)
     second_grads, second_result = meta_grads(second, batch)
 
-    assert_grads_close(first_grads, reference_first_order_grads(model, batch, lr, inner_steps))
+    assert_dicts_close(first_grads, reference_first_order_grads(model, batch, lr, inner_steps))
     # The forward pass is the same maths; only the backward pass differs.
     assert first_result.meta_loss == pytest.approx(second_result.meta_loss, rel=1e-12)
     difference = max((first_grads[n] - second_grads[n]).abs().max().item() for n in first_grads)
@@ -250,7 +175,7 @@ def test_vmap_and_loop_paths_agree(first_order: bool, inner_steps: int) -> None:
     """On 5 sinusoid tasks, vectorize=True and vectorize=False give the same grads, StepResult and
     evaluation scores."""
     model = make_mlp(seed=3)
-    batch = sinusoid_batch(5, seed=13)
+    batch = sinusoid_batch(5, seed=13, dtype=torch.float32, shots=10)
     vmapped, looped = (
         MAML(model, Regression(), inner_lr=0.01, inner_steps=inner_steps, first_order=first_order, vectorize=vectorize)
         for vectorize in (True, False)
@@ -260,7 +185,7 @@ def test_vmap_and_loop_paths_agree(first_order: bool, inner_steps: int) -> None:
     loop_grads, loop_result = meta_grads(looped, batch)
 
     assert vmap_grads.keys() == dict(model.named_parameters()).keys()
-    assert_grads_close(vmap_grads, loop_grads, rtol=1e-5, atol=1e-6)
+    assert_dicts_close(vmap_grads, loop_grads, rtol=1e-5, atol=1e-6)
     for field in ("meta_loss", "meta_loss_pre", "score", "score_pre"):
         assert getattr(vmap_result, field) == pytest.approx(getattr(loop_result, field), rel=1e-5), field
     vmap_scores, loop_scores = vmapped.evaluate(batch), looped.evaluate(batch)
@@ -279,7 +204,7 @@ def test_adapt_leaves_model_unchanged(create_graph: bool, vectorize: bool) -> No
     """`adapt` returns new tensors and leaves the model's parameters bitwise equal, with no .grad."""
     model = make_mlp(seed=4)
     algorithm = MAML(model, Regression(), inner_lr=0.1, inner_steps=2, vectorize=vectorize)
-    task = sinusoid_batch(1, seed=14)[0]
+    task = sinusoid_batch(1, seed=14, dtype=torch.float32, shots=10)[0]
     before = snapshot(model)
 
     adapted = algorithm.adapt(task, create_graph=create_graph)
@@ -296,7 +221,7 @@ def test_evaluate_leaves_no_gradients(vectorize: bool) -> None:
     existing grads and parameters as they were, and returns per-task tensors without grad."""
     model = make_mlp(seed=5)
     algorithm = MAML(model, Regression(), inner_lr=0.01, vectorize=vectorize)
-    batch = sinusoid_batch(4, seed=15)
+    batch = sinusoid_batch(4, seed=15, dtype=torch.float32, shots=10)
     params = list(algorithm.parameters())
     before = snapshot(model)
 
@@ -329,7 +254,7 @@ def test_eval_inner_steps_used_by_evaluate_and_eval_mode_adapt(vectorize: bool) 
     """With inner_steps=1 and eval_inner_steps=3, `evaluate` adapts for 3 steps, training for 1,
     and `adapt` defaults to 3 steps in eval mode and 1 in training mode."""
     model = tiny_tanh_mlp(seed=1)
-    batch = sinusoid_batch(4, seed=16, dtype=torch.float64, shots=5)
+    batch = sinusoid_batch(4, seed=16)
     lr = 0.05
     algorithm = MAML(model, Regression(), inner_lr=lr, inner_steps=1, eval_inner_steps=3, vectorize=vectorize)
     three_steps = reference_query_losses(model, batch, lr, steps=3)
@@ -358,7 +283,7 @@ def test_eval_inner_steps_used_by_evaluate_and_eval_mode_adapt(vectorize: bool) 
 def test_evaluate_pre_adaptation_fields(vectorize: bool) -> None:
     """`evaluate`'s loss_pre is the unadapted query MSE, and for regression score == loss."""
     model = tiny_tanh_mlp(seed=2)
-    batch = sinusoid_batch(3, seed=17, dtype=torch.float64, shots=5)
+    batch = sinusoid_batch(3, seed=17)
     algorithm = MAML(model, Regression(), inner_lr=0.05, vectorize=vectorize)
 
     scores = algorithm.evaluate(batch)
@@ -379,23 +304,12 @@ def test_short_sinusoid_run_learns_to_adapt() -> None:
     """500 meta-steps of MAML on sinusoids make one inner step worth much more than before: the
     post-adaptation MSE on held-out tasks falls well below the pre-adaptation MSE and far below
     the untrained model's post-adaptation MSE."""
-    sampler = SinusoidTasks()
-    algorithm = MAML(make_mlp(seed=0), sampler.objective, inner_lr=0.01, inner_steps=1)
-    held_out = sampler.sample(100, "val", torch.Generator().manual_seed(123))
-    untrained = algorithm.evaluate(held_out)
-
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(500):
-        optimizer.zero_grad(set_to_none=True)
-        algorithm.meta_train_step(sampler.sample(10, "train", generator))
-        optimizer.step()
-    trained = algorithm.evaluate(held_out)
+    algorithm = MAML(make_mlp(seed=0), Regression(), inner_lr=0.01, inner_steps=1)
+    pre, post, untrained = sinusoid_run(algorithm, torch.optim.Adam(algorithm.parameters(), lr=3e-3), steps=500)
 
     # Measured: untrained pre 4.47 / post 4.25; trained pre 3.45 / post 1.61.
-    post, pre = trained.loss.mean().item(), trained.loss_pre.mean().item()
     assert post < 0.6 * pre
-    assert post < 0.6 * untrained.loss.mean().item()
+    assert post < 0.6 * untrained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +388,7 @@ def test_vectorize_auto_follows_the_model() -> None:
 def test_inner_adam_matches_torch_adam(vectorize: bool) -> None:
     """Three inner Adam steps equal torch.optim.Adam's on the same support loss."""
     model = tiny_tanh_mlp()
-    task = sinusoid_batch(1, seed=5, dtype=torch.float64, shots=5)[0]
+    task = sinusoid_batch(1, seed=5)[0]
     algorithm = MAML(model, Regression(), inner_lr=0.03, inner_steps=3, inner_optimizer="adam",
                      inner_betas=(0.5, 0.9), vectorize=vectorize)
     adapted = algorithm.adapt(task)
@@ -484,7 +398,7 @@ def test_inner_adam_matches_torch_adam(vectorize: bool) -> None:
         optimizer.zero_grad()
         mse_with(model, reference, task.support_x, task.support_y).backward()
         optimizer.step()
-    assert_grads_close({n: p.detach() for n, p in adapted.items()}, {n: p.detach() for n, p in reference.items()},
+    assert_dicts_close({n: p.detach() for n, p in adapted.items()}, {n: p.detach() for n, p in reference.items()},
                        rtol=1e-10, atol=1e-12)
 
 
@@ -493,12 +407,12 @@ def test_second_order_through_inner_adam_matches_finite_differences(vectorize: b
     """The meta-gradient through two differentiable Adam steps equals central differences of the
     post-adaptation query loss (which the test above ties to torch's Adam)."""
     model = tiny_tanh_mlp()
-    batch = sinusoid_batch(2, seed=6, dtype=torch.float64, shots=5)
+    batch = sinusoid_batch(2, seed=6)
     algorithm = MAML(model, Regression(), inner_lr=0.02, inner_steps=2, inner_optimizer="adam", vectorize=vectorize)
     grads, result = meta_grads(algorithm, batch)
     numeric = central_differences(model, lambda: algorithm.evaluate(batch).loss.mean().item())
     assert result.meta_loss == pytest.approx(algorithm.evaluate(batch).loss.mean().item(), rel=1e-10)
-    assert_grads_close(grads, numeric, rtol=1e-5, atol=1e-8)
+    assert_dicts_close(grads, numeric, rtol=1e-5, atol=1e-8)
 
 
 def reference_truncated_grads(model: nn.Module, batch: TaskBatch, lr: float, steps: int, k: int) -> Params:
@@ -528,11 +442,11 @@ def test_second_order_steps_bounds_the_differentiated_steps(k: int, vectorize: b
     """second_order_steps=k differentiates the first k of 3 inner steps (k=3: all, i.e. plain MAML);
     the result lies strictly between first-order and full second-order MAML for k < 3."""
     model = tiny_tanh_mlp()
-    batch = sinusoid_batch(3, seed=13, dtype=torch.float64, shots=5)
+    batch = sinusoid_batch(3, seed=13)
     lr = 0.05
     bounded = MAML(model, Regression(), inner_lr=lr, inner_steps=3, second_order_steps=k, vectorize=vectorize)
     grads, _ = meta_grads(bounded, batch)
-    assert_grads_close(grads, reference_truncated_grads(model, batch, lr, 3, k), rtol=1e-8, atol=1e-10)
+    assert_dicts_close(grads, reference_truncated_grads(model, batch, lr, 3, k), rtol=1e-8, atol=1e-10)
     full, _ = meta_grads(MAML(model, Regression(), inner_lr=lr, inner_steps=3, vectorize=vectorize), batch)
     first, _ = meta_grads(MAML(model, Regression(), inner_lr=lr, inner_steps=3, first_order=True,
                                vectorize=vectorize), batch)

@@ -5,39 +5,31 @@ learning on sinusoids and argument checks."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import astuple
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metalearn.algorithms.functional import Params
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.metasgd import MetaSGD, lr_key
 from metalearn.data.sinusoid import SinusoidTasks
-from metalearn.models.mlp import MLP
 from metalearn.objectives import Regression
 from metalearn.tasks import TaskBatch
-
-VECTORIZE = pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
-
-
-def make_mlp(seed: int, hidden_sizes: tuple[int, ...] = (40, 40), activation: str = "relu",
-             dtype: torch.dtype = torch.float32) -> MLP:
-    """An MLP(1 -> 1) whose initialisation depends only on `seed` (the global RNG is restored)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MLP(1, 1, hidden_sizes=hidden_sizes, activation=activation)
-    return model.to(dtype)
-
-
-def tiny_tanh_mlp(seed: int = 0) -> MLP:
-    """A float64 MLP(1, 1, [3]) with tanh: smooth, ten parameters, cheap to finite-difference."""
-    return make_mlp(seed, hidden_sizes=(3,), activation="tanh", dtype=torch.float64)
+from tests.algorithms.helpers import (
+    VECTORIZE,
+    assert_dicts_close,
+    central_differences,
+    make_mlp,
+    mse_with,
+    sinusoid_batch,
+    sinusoid_run,
+    snapshot,
+    tiny_tanh_mlp,
+)
 
 
 def metasgd(model: nn.Module, seed: int = 0, **kwargs: Any) -> MetaSGD:
@@ -45,15 +37,6 @@ def metasgd(model: nn.Module, seed: int = 0, **kwargs: Any) -> MetaSGD:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MetaSGD(model, Regression(), **kwargs)
-
-
-def sinusoid_batch(n_tasks: int, seed: int, dtype: torch.dtype = torch.float64, shots: int = 5) -> TaskBatch:
-    batch = SinusoidTasks(k_shot=shots, k_query=shots).sample(n_tasks, "train", torch.Generator().manual_seed(seed))
-    return TaskBatch(*(t.to(dtype) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
-
-
-def mse_with(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(functional_call(model, params, (x,)), y)
 
 
 def rates_of(algorithm: MetaSGD) -> Params:
@@ -75,32 +58,8 @@ def reference_query_losses(model: nn.Module, batch: TaskBatch, lrs: Mapping[str,
     return torch.stack(losses)
 
 
-def central_differences(tensors: Mapping[str, Tensor], objective: Callable[[], float], eps: float = 1e-6) -> Params:
-    """d objective / d tensor by central differences, one entry at a time (tensors edited in place)."""
-    grads = {}
-    with torch.no_grad():
-        for name, t in tensors.items():
-            flat, g = t.view(-1), torch.zeros(t.numel(), dtype=t.dtype)
-            for i in range(t.numel()):
-                original = flat[i].item()
-                flat[i] = original + eps
-                plus = objective()
-                flat[i] = original - eps
-                minus = objective()
-                flat[i] = original  # a Python float holds a float64 exactly, so this restores bitwise
-                g[i] = (plus - minus) / (2 * eps)
-            grads[name] = g.view_as(t)
-    return grads
-
-
 def grads_of(tensors: Mapping[str, Tensor]) -> Params:
     return {name: t.grad.clone() for name, t in tensors.items() if t.grad is not None}
-
-
-def assert_all_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], **tolerances: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{n}: {m}", **tolerances)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +80,7 @@ def test_constant_rates_equal_maml(inner_steps: int, inner_optimizer: str, vecto
     maml = MAML(model, Regression(), inner_lr=c, **common)
     assert all(torch.equal(r, torch.full_like(r, c)) for r in rates_of(meta_sgd).values())
 
-    assert_all_close(meta_sgd.adapt(batch[0]), maml.adapt(batch[0]))
+    assert_dicts_close(meta_sgd.adapt(batch[0]), maml.adapt(batch[0]))
     meta_sgd.zero_grad(set_to_none=True)
     result = meta_sgd.meta_train_step(batch)
     model_grads, rate_grads = grads_of(dict(model.named_parameters())), grads_of(rates_of(meta_sgd))
@@ -129,7 +88,7 @@ def test_constant_rates_equal_maml(inner_steps: int, inner_optimizer: str, vecto
     expected = maml.meta_train_step(batch)
 
     assert astuple(result) == pytest.approx(astuple(expected), rel=1e-12)
-    assert_all_close(model_grads, grads_of(dict(model.named_parameters())))
+    assert_dicts_close(model_grads, grads_of(dict(model.named_parameters())))
     assert rate_grads.keys() == model_grads.keys() and all(g.abs().sum() > 0 for g in rate_grads.values())
     torch.testing.assert_close(meta_sgd.evaluate(batch).loss, maml.evaluate(batch).loss)
 
@@ -147,7 +106,7 @@ def test_random_init_is_uniform_in_range_and_follows_the_global_seed() -> None:
     assert rates.min() >= 0.005 and rates.max() <= 0.1 and rates.std() > 0.02  # U[0.005, 0.1]: std 0.027
     for name, p in model.named_parameters():
         assert rates_of(first)[name].shape == p.shape and rates_of(first)[name].dtype == p.dtype
-    assert_all_close(rates_of(first), rates_of(again), rtol=0, atol=0)
+    assert_dicts_close(rates_of(first), rates_of(again), rtol=0, atol=0)
     assert not torch.equal(rates_of(first)["net.0.weight"], rates_of(other)["net.0.weight"])
 
 
@@ -173,8 +132,8 @@ def test_second_order_meta_gradient_matches_finite_differences(inner_steps: int,
         return reference_query_losses(model, batch, rates, inner_steps).mean().item()
 
     assert result.meta_loss == pytest.approx(objective(), rel=1e-10)
-    assert_all_close(grads_of(rates), central_differences(rates, objective), rtol=1e-6, atol=1e-8)
-    assert_all_close(grads_of(params), central_differences(params, objective), rtol=1e-6, atol=1e-8)
+    assert_dicts_close(grads_of(rates), central_differences(rates, objective), rtol=1e-6, atol=1e-8)
+    assert_dicts_close(grads_of(params), central_differences(params, objective), rtol=1e-6, atol=1e-8)
 
 
 def reference_first_order_grads(model: nn.Module, batch: TaskBatch, lrs: Params, steps: int) -> tuple[Params, Params]:
@@ -205,8 +164,8 @@ def test_first_order_meta_gradient_matches_detached_reference(inner_steps: int, 
     algorithm.meta_train_step(batch)
 
     expected_params, expected_rates = reference_first_order_grads(model, batch, rates_of(algorithm), inner_steps)
-    assert_all_close(grads_of(dict(model.named_parameters())), expected_params)
-    assert_all_close(grads_of(rates_of(algorithm)), expected_rates)
+    assert_dicts_close(grads_of(dict(model.named_parameters())), expected_params)
+    assert_dicts_close(grads_of(rates_of(algorithm)), expected_rates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +185,7 @@ def test_rates_are_in_parameters_and_state_dict_and_round_trip() -> None:
     restored = metasgd(make_mlp(seed=9), seed=2)
     assert not torch.equal(restored.lrs["net-0-weight"], algorithm.lrs["net-0-weight"])
     restored.load_state_dict(state)
-    assert_all_close(rates_of(restored), rates_of(algorithm), rtol=0, atol=0)
+    assert_dicts_close(rates_of(restored), rates_of(algorithm), rtol=0, atol=0)
 
     before = {name: r.detach().clone() for name, r in rates_of(algorithm).items()}
     optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.1)
@@ -247,16 +206,16 @@ def test_adapt_leaves_model_and_rates_unchanged(create_graph: bool, vectorize: b
     model = tiny_tanh_mlp()
     algorithm = metasgd(model, vectorize=vectorize)
     task = sinusoid_batch(1, seed=24)[0]
-    snapshot = {name: t.detach().clone() for name, t in algorithm.named_parameters()}
+    before = snapshot(algorithm)
 
     adapted = algorithm.adapt(task, create_graph=create_graph)
 
     for name, t in algorithm.named_parameters():
-        assert torch.equal(t, snapshot[name]) and t.grad is None, name
+        assert torch.equal(t, before[name]) and t.grad is None, name
     params = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
     grads = torch.autograd.grad(mse_with(model, params, task.support_x, task.support_y), list(params.values()))
     expected = {name: p - rates_of(algorithm)[name] * g for (name, p), g in zip(params.items(), grads)}
-    assert_all_close(adapted, expected)
+    assert_dicts_close(adapted, expected)
 
 
 @VECTORIZE
@@ -278,23 +237,12 @@ def test_evaluate_leaves_no_gradients(vectorize: bool) -> None:
 def test_short_sinusoid_run_learns_to_adapt() -> None:
     """300 meta-steps (meta-batch 10, Adam 1e-3) make one learned-rate step worth much more: the
     post-adaptation MSE on held-out tasks falls well below the pre-adaptation MSE."""
-    sampler = SinusoidTasks()
     algorithm = metasgd(make_mlp(seed=0), seed=0)
-    held_out = sampler.sample(100, "val", torch.Generator().manual_seed(123))
-    untrained = algorithm.evaluate(held_out)
-
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        optimizer.zero_grad(set_to_none=True)
-        algorithm.meta_train_step(sampler.sample(10, "train", generator))
-        optimizer.step()
-    trained = algorithm.evaluate(held_out)
+    pre, post, untrained = sinusoid_run(algorithm, torch.optim.Adam(algorithm.parameters(), lr=1e-3), steps=300)
 
     # Measured: untrained pre 4.47 / post 4.26; trained pre 3.50 / post 1.73.
-    post, pre = trained.loss.mean().item(), trained.loss_pre.mean().item()
     assert post < 0.6 * pre
-    assert post < 0.6 * untrained.loss.mean().item()
+    assert post < 0.6 * untrained
 
 
 # ---------------------------------------------------------------------------------------------

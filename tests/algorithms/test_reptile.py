@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metalearn.algorithms.functional import InnerAdam, Params
 from metalearn.algorithms.reptile import EVAL_SEED, Reptile, minibatch_indices
@@ -24,46 +23,28 @@ from metalearn.models.mlp import MLP
 from metalearn.objectives import Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
 from metalearn.train import train
+from tests.algorithms.helpers import (
+    VECTORIZE,
+    assert_dicts_close,
+    make_mlp,
+    meta_grads,
+    mse_with,
+    sinusoid_batch,
+    sinusoid_run,
+    snapshot,
+    tiny_tanh_mlp,
+)
 from tests.conftest import Composer
 
-VECTORIZE = pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
-
-
 # ---------------------------------------------------------------------------------------------
-# Helpers.
+# Helpers (the shared ones are in helpers.py).
 # ---------------------------------------------------------------------------------------------
-
-
-def tiny_tanh_mlp(seed: int = 0) -> MLP:
-    """A float64 MLP(1, 1, [3]) with tanh; its initialisation depends only on `seed`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MLP(1, 1, hidden_sizes=(3,), activation="tanh").double()
-
-
-def sinusoid_batch(n_tasks: int, seed: int, shots: int = 6, dtype: torch.dtype = torch.float64) -> TaskBatch:
-    batch = SinusoidTasks(k_shot=shots, k_query=shots).sample(n_tasks, "train", torch.Generator().manual_seed(seed))
-    return TaskBatch(*(t.to(dtype) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
-
-
-def snapshot(model: nn.Module) -> Params:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def pseudo_gradient(algorithm: Reptile, batch: TaskBatch, step: int = 0) -> Params:
     """The `.grad` one meta-training step at meta-step `step` writes, from zeroed gradients."""
-    algorithm.zero_grad(set_to_none=True)
     algorithm.set_progress(step, 100)
-    algorithm.meta_train_step(batch)
-    grads = {name: p.grad.clone() for name, p in algorithm.model.named_parameters() if p.grad is not None}
-    algorithm.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_dicts_close(actual: Params, expected: Params, **tolerances: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+    return meta_grads(algorithm, batch)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +96,7 @@ def test_serial_pseudo_gradient_is_theta_minus_phi(inner_batch_size: int | None,
     """With one task, `.grad` is theta - adapt(task) (bit for bit on the per-task path) and the
     reported meta-loss is the adapted model's query loss."""
     model = tiny_tanh_mlp()
-    batch = sinusoid_batch(1, seed=3)
+    batch = sinusoid_batch(1, seed=3, shots=6)
     algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_batch_size=inner_batch_size,
                         vectorize=vectorize)
     theta = snapshot(model)
@@ -127,7 +108,7 @@ def test_serial_pseudo_gradient_is_theta_minus_phi(inner_batch_size: int | None,
     tolerance = {"rtol": 1e-12, "atol": 1e-14} if vectorize else {"rtol": 0.0, "atol": 0.0}
     assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
                        {n: theta[n] - phi[n].detach() for n in theta}, **tolerance)
-    query_loss = F.mse_loss(functional_call(model, phi, (batch.query_x[0],)), batch.query_y[0]).item()
+    query_loss = mse_with(model, phi, batch.query_x[0], batch.query_y[0]).item()
     assert result.meta_loss == pytest.approx(query_loss, rel=1e-12)
     with torch.no_grad():
         assert result.meta_loss_pre == pytest.approx(F.mse_loss(model(batch.query_x[0]), batch.query_y[0]).item())
@@ -144,7 +125,7 @@ def test_batched_pseudo_gradient_is_mean_of_serial(inner_optimizer: str, vectori
     """The meta-batch's `.grad` equals the mean of the one-task `.grad`s at the same meta-step
     (the tasks share that step's minibatches)."""
     model = tiny_tanh_mlp(seed=1)
-    batch = sinusoid_batch(4, seed=4)
+    batch = sinusoid_batch(4, seed=4, shots=6)
     algorithm = Reptile(model, Regression(), inner_lr=0.02, inner_steps=5, inner_optimizer=inner_optimizer,
                         inner_batch_size=4, vectorize=vectorize)
 
@@ -180,7 +161,7 @@ def test_outer_sgd_step_moves_theta_towards_the_mean_adapted_weights() -> None:
     """With the trainer's plain SGD at lr eps, one meta-step gives theta + eps * mean(phi - theta);
     at eps = 1 the new initialisation is the mean of the adapted weights."""
     model = tiny_tanh_mlp(seed=2)
-    batch = sinusoid_batch(3, seed=6)
+    batch = sinusoid_batch(3, seed=6, shots=6)
     algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_optimizer="sgd")
     theta = snapshot(model)
     phis = [algorithm.adapt(task) for task in batch]
@@ -211,7 +192,7 @@ def reference_adam(model: nn.Module, task: Task, lr: float, betas: tuple[float, 
     for step in range(steps):
         index = torch.arange(len(task.support_x)) if minibatches is None else minibatches[step]
         optimizer.zero_grad()
-        F.mse_loss(functional_call(model, params, (task.support_x[index],)), task.support_y[index]).backward()
+        mse_with(model, params, task.support_x[index], task.support_y[index]).backward()
         optimizer.step()
     return {name: p.detach() for name, p in params.items()}
 
@@ -222,7 +203,7 @@ def test_inner_adam_matches_torch_optim_adam(inner_batch_size: int | None, vecto
     """`adapt` and the serial pseudo-gradient follow torch.optim.Adam(betas=(0, 0.999)); Adam with
     beta1 = 0.9 would land clearly elsewhere."""
     model = tiny_tanh_mlp(seed=3)
-    task = sinusoid_batch(1, seed=7)[0]
+    task = sinusoid_batch(1, seed=7, shots=6)[0]
     lr, steps, step = 0.05, 6, 5
     algorithm = Reptile(model, Regression(), inner_lr=lr, inner_steps=steps, inner_optimizer="adam",
                         inner_betas=(0.0, 0.999), inner_batch_size=inner_batch_size, vectorize=vectorize)
@@ -337,7 +318,7 @@ def test_adapt_leaves_model_unchanged(create_graph: bool, vectorize: bool) -> No
     algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_batch_size=3, vectorize=vectorize)
     before = snapshot(model)
 
-    adapted = algorithm.adapt(sinusoid_batch(1, seed=8)[0], create_graph=create_graph)
+    adapted = algorithm.adapt(sinusoid_batch(1, seed=8, shots=6)[0], create_graph=create_graph)
 
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and p.grad is None, name
@@ -350,7 +331,7 @@ def test_evaluate_leaves_no_gradients(vectorize: bool) -> None:
     model = tiny_tanh_mlp(seed=5)
     algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=2, eval_inner_steps=4, inner_batch_size=3,
                         vectorize=vectorize)
-    batch = sinusoid_batch(3, seed=9)
+    batch = sinusoid_batch(3, seed=9, shots=6)
     params = list(algorithm.parameters())
     algorithm.eval()
     algorithm.set_progress(1, 100)
@@ -378,34 +359,16 @@ def test_short_sinusoid_run_learns_to_adapt() -> None:
     """250 meta-steps (meta-batch 5, inner SGD lr 0.02 for 8 steps on minibatches of 5 of the 10
     support points, outer SGD lr 1 annealed linearly to 0) make adaptation pay: the post-adaptation
     query MSE on held-out tasks falls well below the pre-adaptation MSE and the untrained model's."""
-    sampler = SinusoidTasks()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MLP(1, 1, hidden_sizes=(40, 40))
-    algorithm = Reptile(model, sampler.objective, inner_lr=0.02, inner_steps=8, inner_optimizer="sgd",
+    algorithm = Reptile(make_mlp(seed=0), Regression(), inner_lr=0.02, inner_steps=8, inner_optimizer="sgd",
                         inner_batch_size=5)
-    held_out = sampler.sample(100, "val", torch.Generator().manual_seed(123))
-    algorithm.eval()
-    untrained = algorithm.evaluate(held_out)
-
-    max_steps = 250
     optimizer = torch.optim.SGD(algorithm.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=max_steps)
-    generator = torch.Generator().manual_seed(1)
-    algorithm.train()
-    for step in range(max_steps):
-        optimizer.zero_grad(set_to_none=True)
-        algorithm.set_progress(step, max_steps)
-        algorithm.meta_train_step(sampler.sample(5, "train", generator))
-        optimizer.step()
-        scheduler.step()
-    algorithm.eval()
-    trained = algorithm.evaluate(held_out)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=250)
+    pre, post, untrained = sinusoid_run(algorithm, optimizer, steps=250, meta_batch_size=5, scheduler=scheduler)
 
-    # Measured: untrained pre 4.47 / post 4.22; trained pre 3.27 / post 1.37.
-    post, pre = trained.loss.mean().item(), trained.loss_pre.mean().item()
+    # Measured (evaluation adapts for eval_inner_steps = 50): untrained pre 4.47 / post 3.85;
+    # trained pre 3.27 / post 0.87.
     assert post < 0.6 * pre
-    assert post < 0.6 * untrained.loss.mean().item()
+    assert post < 0.6 * untrained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,3 +442,31 @@ def test_reptile_trains_end_to_end_with_the_papers_outer_loop(compose_cfg: Compo
     assert results["step"] == cfg.trainer.max_steps
     state = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.pt")
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.0
+
+
+def test_eval_inner_batch_size_applies_in_eval_mode_only() -> None:
+    """Training steps use inner_batch_size, evaluation eval_inner_batch_size; each is checked against
+    the support set it meets, naming its own key."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1).double()
+    algorithm = Reptile(model, Regression(), inner_lr=0.1, inner_steps=2, eval_inner_steps=3, inner_optimizer="sgd",
+                        inner_batch_size=4, eval_inner_batch_size=2)
+    x = torch.arange(6, dtype=torch.float64).view(6, 1)
+    seen: list[int] = []
+    original = algorithm.inner_batch
+
+    def recording(xs: torch.Tensor, ys: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = original(xs, ys, step)
+        seen.append(out[0].shape[0])
+        return out
+
+    algorithm.inner_batch = recording  # type: ignore[method-assign]
+    algorithm.train()
+    algorithm.adapt(Task(x, x, x, x))
+    assert seen == [4, 4]
+    seen.clear()
+    algorithm.eval()
+    algorithm.adapt(Task(x, x, x, x))
+    assert seen == [2, 2, 2]
+    with pytest.raises(ValueError, match=r"^eval_inner_batch_size=8: larger than the support set \(6"):
+        Reptile(model, Regression(), inner_batch_size=4, eval_inner_batch_size=8).eval().adapt(Task(x, x, x, x))
