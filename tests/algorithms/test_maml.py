@@ -458,3 +458,60 @@ def test_second_order_steps_bounds_the_differentiated_steps(k: int, vectorize: b
         assert distance(grads, full) < 1e-12
     else:
         assert distance(grads, full) > 1e-4 and distance(grads, first) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. BatchNorm: nothing leaks between tasks, or from query into support, unless the mode says so.
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_batch(seed: int, tasks: int = 3) -> TaskBatch:
+    """`tasks` 3-way 2-shot 2-query tasks of random float64 8x8 images."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat(2).expand(tasks, -1).contiguous()
+    return TaskBatch(torch.rand(tasks, 6, 1, 8, 8, generator=generator, dtype=torch.float64), labels,
+                     torch.rand(tasks, 6, 1, 8, 8, generator=generator, dtype=torch.float64), labels)
+
+
+def _tiny_conv(norm: str) -> nn.Module:
+    from metalearn.models.conv import Conv4
+
+    torch.manual_seed(0)
+    return Conv4(1, 3, 8, hidden=4, blocks=2, norm=norm).double()
+
+
+@pytest.mark.parametrize(("norm", "vectorize"), [("batch", True), ("batch", False), ("batch_per_step", False),
+                                                 ("group", True)])
+def test_no_batchnorm_leak_across_tasks_or_from_query_into_support(norm: str, vectorize: bool) -> None:
+    """A task's adapted weights depend on its support set only, and its scores on nothing but itself:
+    changing another task, or this task's query images, changes nothing else."""
+    from metalearn.objectives import Classification
+
+    algorithm = MAML(_tiny_conv(norm), Classification(), inner_lr=0.1, inner_steps=2, vectorize=vectorize)
+    base, other = _image_batch(0), _image_batch(1)
+    # Tasks 1 and 2 replaced: task 0's outcome is unchanged.
+    mixed = TaskBatch(torch.cat([base.support_x[:1], other.support_x[1:]]), base.support_y,
+                      torch.cat([base.query_x[:1], other.query_x[1:]]), base.query_y)
+    torch.testing.assert_close(algorithm.evaluate(base).loss[0], algorithm.evaluate(mixed).loss[0], rtol=1e-12, atol=0)
+    # Task 0's query images replaced: its adapted weights are unchanged.
+    task = base[0]
+    new_query = Task(task.support_x, task.support_y, other.query_x[0], task.query_y)
+    first, second = algorithm.adapt(task), algorithm.adapt(new_query)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_running_statistics_are_untouched_by_evaluation() -> None:
+    """batch_running: evaluation (eval mode) normalises with the running averages and updates none;
+    training (train mode) updates them, as that mode says."""
+    from metalearn.objectives import Classification
+
+    model = _tiny_conv("batch_running")
+    algorithm = MAML(model, Classification(), inner_lr=0.1)
+    batch = _image_batch(0)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    algorithm.eval()
+    algorithm.evaluate(batch)
+    assert all(torch.equal(before[name], b) for name, b in model.named_buffers())
+    algorithm.train()
+    algorithm.meta_train_step(batch)
+    assert any(not torch.equal(before[name], b) for name, b in model.named_buffers() if b.is_floating_point())
