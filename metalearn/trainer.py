@@ -143,6 +143,7 @@ class Trainer:
         batch = self.tasks.sample(self.meta_batch_size, "train", self.generator).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.algorithm.set_progress(self.step, self.max_steps)
+        self.algorithm.measure_pre_adaptation = (self.step + 1) % self.log_every == 0  # only logged steps
         result = self.algorithm.meta_train_step(batch)
         params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()

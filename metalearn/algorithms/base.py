@@ -60,6 +60,10 @@ class MetaAlgorithm(nn.Module, ABC):
         super().__init__()
         self.model = model
         self.objective = objective
+        # Whether meta_train_step measures the pre-adaptation query metrics (meta_loss_pre, score_pre).
+        # They cost a forward pass of the query set that trains nothing, so the trainer asks for them
+        # only on the steps it logs; when False they are NaN. Evaluation always measures them.
+        self.measure_pre_adaptation = True
 
     def set_progress(self, step: int, max_steps: int) -> None:
         """Called by the trainer before each meta-training step with the 0-based index of that step.

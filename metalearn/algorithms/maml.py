@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -166,17 +167,17 @@ class MAML(MetaAlgorithm):
         query_y: Tensor, *, steps: int, create_graph: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Query loss after adaptation (differentiable), then detached pre-loss, score, pre-score."""
-        with torch.no_grad():
-            set_adaptation_step(self.model, 0)
-            before = forward_with(self.model, params, buffers, query_x)
         trajectory = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
         loss, after = self.outer_loss(trajectory, buffers, query_x, query_y)
-        return (
-            loss,
-            self.objective.loss(before, query_y),
-            self.objective.score(after.detach(), query_y),
-            self.objective.score(before, query_y),
-        )
+        if self.measure_pre_adaptation or not torch.is_grad_enabled():
+            with torch.no_grad():
+                set_adaptation_step(self.model, 0)
+                before = forward_with(self.model, params, buffers, query_x)
+                set_adaptation_step(self.model, None)
+            loss_pre, score_pre = self.objective.loss(before, query_y), self.objective.score(before, query_y)
+        else:
+            loss_pre = score_pre = torch.full_like(loss.detach(), math.nan)
+        return loss, loss_pre, self.objective.score(after.detach(), query_y), score_pre
 
     def _batch_outcome(self, batch: TaskBatch, *, steps: int, create_graph: bool,
                        backward: bool = False) -> tuple[Tensor, ...]:

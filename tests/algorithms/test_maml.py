@@ -3,6 +3,7 @@ hand-built references, vmap/loop agreement, side-effect freedom, and learning on
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -515,3 +516,20 @@ def test_running_statistics_are_untouched_by_evaluation() -> None:
     algorithm.train()
     algorithm.meta_train_step(batch)
     assert any(not torch.equal(before[name], b) for name, b in model.named_buffers() if b.is_floating_point())
+
+
+@VECTORIZE
+def test_pre_adaptation_metrics_are_optional_and_change_nothing_else(vectorize: bool) -> None:
+    """measure_pre_adaptation=False (the trainer's setting on steps it does not log) skips the query
+    pass before adaptation: the pre metrics are NaN, the meta-gradient and the other metrics are the same."""
+    model = tiny_tanh_mlp()
+    batch = sinusoid_batch(3, seed=21)
+    algorithm = MAML(model, Regression(), inner_lr=0.05, vectorize=vectorize)
+    grads, result = meta_grads(algorithm, batch)
+    algorithm.measure_pre_adaptation = False
+    lean_grads, lean = meta_grads(algorithm, batch)
+    assert math.isnan(lean.meta_loss_pre) and math.isnan(lean.score_pre)
+    assert not math.isnan(result.meta_loss_pre)
+    assert (lean.meta_loss, lean.score) == (result.meta_loss, result.score)
+    assert_dicts_close(lean_grads, grads, rtol=0, atol=0)
+    assert not algorithm.evaluate(batch).loss_pre.isnan().any()  # evaluation always measures them
