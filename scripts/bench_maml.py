@@ -11,9 +11,10 @@ SGD step with lr 0.01, MSE loss, then an Adam step (lr 1e-3) on the initialisati
     metalearn (vmap)      `MAML(..., vectorize=True)`: torch.func.grad vmapped over the meta-batch.
     metalearn (loop)      `MAML(..., vectorize=False)`: metalearn's per-task path, for information.
 
-A metalearn meta-step is `optimizer.zero_grad(); algorithm.meta_train_step(batch); optimizer.step()`,
-so it includes what the trainer pays for: the pre-adaptation loss and the four metrics that
-`meta_train_step` returns. The reference computes none of these.
+A metalearn meta-step is `optimizer.zero_grad(); algorithm.meta_train_step(batch); optimizer.step()`
+as the trainer runs it on the steps it does not log (`measure_pre_adaptation = False`: no query pass
+before adaptation, which the trainer asks for once every `trainer.log_every` steps). It still computes
+the post-adaptation metrics that `meta_train_step` returns; the reference computes none of these.
 
 How it keeps the comparison fair. All variants start from the same initial weights and cycle over
 the same pre-sampled task batches (drawn once from a fixed torch.Generator, so sampling is excluded).
@@ -120,6 +121,7 @@ def metalearn_step(vectorize: bool) -> Callable[[State], Step]:
 
     def make(initial: State) -> Step:
         algorithm = build_maml(initial, vectorize)
+        algorithm.measure_pre_adaptation = False  # as the trainer, except on its logging steps
         optimizer = torch.optim.Adam(algorithm.parameters(), lr=OUTER_LR)
 
         def step(batch: TaskBatch) -> None:

@@ -18,9 +18,10 @@ Part 1, one inner step, second order, against a plain per-task loop in the same 
 Part 2, peak memory against the number of inner steps (1, 5, 10) for second order, second order on
 the first inner step only (`second_order_steps=1`) and first order.
 
-Each measurement runs in a fresh subprocess, so peak memory is that process's own: the figure is the
-growth of the peak resident set size (ru_maxrss) over the size after building the model and the
-batch, i.e. what the meta-steps themselves need. Speed is meta-steps per second after warm-up.
+Part 1 interleaves its variants in rounds and reports medians. Each measurement runs in a fresh
+subprocess, so peak memory is that process's own: the figure is the growth of the peak resident set
+size (ru_maxrss) over the size after building the model and the batch, i.e. what the meta-steps
+themselves need. Speed is meta-steps per second after warm-up.
 
     python scripts/bench_maml_memory.py                      # both parts, torch's default threads
     python scripts/bench_maml_memory.py --part 1 --seconds 30
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +103,7 @@ def metalearn_step(model: Conv4, batch: TaskBatch, steps: int, vectorize: bool, 
     """A meta-step as the trainer runs it: zero_grad, meta_train_step, optimizer step."""
     algorithm = MAML(model, Classification(), inner_lr=INNER_LR, inner_steps=steps, vectorize=vectorize,
                      first_order=mode == "first_order", second_order_steps=1 if mode == "second_order_1" else None)
+    algorithm.measure_pre_adaptation = False  # as the trainer, except on its logging steps
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=OUTER_LR)
 
     def step() -> None:
@@ -141,10 +144,13 @@ def measure(args: argparse.Namespace, variant: str, inner_steps: int, mode: str 
 
 
 def part_one(args: argparse.Namespace) -> None:
-    print(f"\nPart 1: 1 inner step, second order, meta-batch {args.meta_batch_size}")
+    print(f"\nPart 1: 1 inner step, second order, meta-batch {args.meta_batch_size}, median of {args.rounds} rounds")
     variants = [("reference", "reference (per-task backward)"), ("reference_one_backward", "reference, one backward"),
                 ("loop", "metalearn (loop, the default)"), ("vmap", "metalearn (vmap)")]
-    results = {key: measure(args, key, 1) for key, _ in variants}
+    # Interleaved rounds, median per variant: background load affects every variant alike.
+    rounds = [{key: measure(args, key, 1) for key, _ in variants} for _ in range(args.rounds)]
+    results = {key: {stat: statistics.median(r[key][stat] for r in rounds) for stat in ("steps_per_s", "peak_mib")}
+               for key, _ in variants}
     ref = results["reference"]
     print(f"{'variant':32s}{'meta-steps/s':>13s}{'vs ref':>8s}{'peak MiB':>10s}{'vs ref':>8s}")
     for key, name in variants:
@@ -177,6 +183,7 @@ def main() -> None:
     parser.add_argument("--part", type=int, choices=(1, 2), default=None, help="run one part only")
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of part 1; medians are reported")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="loop", help=argparse.SUPPRESS)

@@ -15,7 +15,8 @@ Each runs three ways: `reference`, a plain Python loop over tasks as in bench_ma
 `functional_mlp`, per-task `torch.autograd.grad`, one backward of the mean query loss; for Reptile,
 phi per task by plain autograd and `.grad = mean(theta - phi)` written by hand); `vmap`, the
 algorithm built as its config builds it with `vectorize=True`; `loop`, the same with `vectorize=False`.
-A metalearn step also computes the pre-adaptation loss and the reported metrics; the references don't.
+A metalearn step runs as the trainer runs it on the steps it does not log (`measure_pre_adaptation =
+False`) and still computes the post-adaptation metrics it reports; the references compute none.
 
 Fairness, as in bench_maml.py (whose `measure` it uses): the same initial weights and rates and the
 same pre-sampled batches for every variant; fresh state, warm-up, then steps counted over a fixed
@@ -210,6 +211,7 @@ def step_factory(method: Method, variant: str) -> Callable[[State], Step]:
             meta_params, fill_grads = weights + rates, partial(method.reference, weights, rates)
         else:
             algorithm = build(method, initial, vectorize=variant == "vmap")
+            algorithm.measure_pre_adaptation = False  # as the trainer, except on its logging steps
             meta_params, fill_grads = list(algorithm.parameters()), algorithm.meta_train_step
         optimizer = torch.optim.Adam(meta_params, lr=OUTER_LR)
 
