@@ -109,8 +109,9 @@ def check_learning_rates(node: Any, path: str = "") -> None:
             check_learning_rates(value, name)
 
 
-def _check_model_fits(model: torch.nn.Module, tasks: Any) -> None:
-    """Fail early, naming the key, if the model's output size does not match the task family's."""
+def _check_model_fits(model: torch.nn.Module, tasks: Any, predicts_targets: bool = True) -> None:
+    """Fail early, naming the key, if the model cannot take the task family's inputs or (for algorithms
+    whose model predicts the targets, not an embedding) its output size does not match."""
     probe = tasks.sample(1, "train", torch.Generator().manual_seed(0))
     model.eval()
     try:
@@ -121,7 +122,7 @@ def _check_model_fits(model: torch.nn.Module, tasks: Any) -> None:
                           f"({str(ex).splitlines()[0]})") from ex
     finally:
         model.train()
-    if out.shape[-1] != tasks.output_size:
+    if predicts_targets and out.shape[-1] != tasks.output_size:
         raise ConfigError(f"model: outputs {out.shape[-1]} values per example but the dataset needs "
                           f"{tasks.output_size} (set model.out_features={tasks.output_size})")
 
@@ -140,8 +141,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # model initialisation; task sampling has its own generator
     tasks = _make(cfg.dataset, "dataset")
     model = _make(cfg.model, "model")
-    _check_model_fits(model, tasks)
     algorithm = _make(cfg.algorithm, "algorithm", model=model, objective=tasks.objective)
+    _check_model_fits(model, tasks, algorithm.model_predicts_targets)
     optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
     scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
     trainer = _make(

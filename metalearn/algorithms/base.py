@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +52,16 @@ class MetaAlgorithm(nn.Module, ABC):
     """A meta-learner. It owns the model and every meta-parameter, so `parameters()` and
     `state_dict()` cover all that the outer loop learns.
 
+    `model_predicts_targets` says whether the model's outputs are the task's predictions (one per
+    class or target value, checked against the dataset before training) or an embedding that the
+    algorithm turns into predictions (metric-based methods).
+
     Args:
         model: the base model; never mutated by adaptation.
         objective: the task family's loss and metric.
     """
+
+    model_predicts_targets: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, objective: Objective) -> None:
         super().__init__()
