@@ -173,6 +173,15 @@ def load_average() -> str:
     return " ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
+def sinusoid_setup(meta_batch_size: int) -> tuple[State, list[TaskBatch]]:
+    """The seeded initial MLP weights and the pre-sampled task batches every variant cycles over."""
+    torch.manual_seed(SEED)
+    initial = {k: v.detach().clone() for k, v in MLP(1, 1, HIDDEN_SIZES, "relu").state_dict().items()}
+    sampler = SinusoidTasks(k_shot=K_SHOT, k_query=K_QUERY)
+    generator = torch.Generator().manual_seed(SEED)
+    return initial, [sampler.sample(meta_batch_size, "train", generator) for _ in range(N_BATCHES)]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MAML sinusoid meta-steps/s: metalearn vs a plain autograd loop.")
     parser.add_argument("--seconds", type=float, default=5.0, help="wall-clock seconds per measurement")
@@ -186,11 +195,7 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
-    initial = {k: v.detach().clone() for k, v in MLP(1, 1, HIDDEN_SIZES, "relu").state_dict().items()}
-    sampler = SinusoidTasks(k_shot=K_SHOT, k_query=K_QUERY)
-    generator = torch.Generator().manual_seed(SEED)
-    batches = [sampler.sample(args.meta_batch_size, "train", generator) for _ in range(N_BATCHES)]
+    initial, batches = sinusoid_setup(args.meta_batch_size)
 
     widths = "-".join(map(str, HIDDEN_SIZES))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); MLP 1-{widths}-1, "

@@ -51,9 +51,7 @@ from bench_maml import (
     K_QUERY,
     K_SHOT,
     MIN_RELIABLE_STEPS,
-    N_BATCHES,
     OUTER_LR,
-    SEED,
     TARGET_RATIO,
     State,
     Step,
@@ -61,6 +59,7 @@ from bench_maml import (
     functional_mlp,
     load_average,
     measure,
+    sinusoid_setup,
 )
 from torch import Tensor
 
@@ -284,11 +283,7 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
-    initial = {k: v.detach().clone() for k, v in MLP(1, 1, HIDDEN_SIZES, "relu").state_dict().items()}
-    sampler = SinusoidTasks(k_shot=K_SHOT, k_query=K_QUERY)
-    generator = torch.Generator().manual_seed(SEED)
-    batches = [sampler.sample(META_BATCH_SIZE, "train", generator) for _ in range(N_BATCHES)]
+    initial, batches = sinusoid_setup(META_BATCH_SIZE)
     methods = [METHODS[key] for key in dict.fromkeys(args.methods)]
 
     widths = "-".join(map(str, HIDDEN_SIZES))
