@@ -88,26 +88,6 @@ class ANIL(MAML):
                              "of the head on one input")
         return seen[0][0]
 
-    def _head_loop(self, head: Params, buffers: Params, features: Tensor, y: Tensor, steps: int,
-                   create_graph: bool) -> list[Params]:
-        """MAML's inner loop on the head alone, fed the support features; head params after each step."""
-        trajectory, state = [], self.optimizer.init(head)
-        for step in range(steps):
-            set_adaptation_step(self.model, step)
-            second_order = create_graph and (self.second_order_steps is None or step < self.second_order_steps)
-            # A step that is not second order treats its gradient as a constant to the outer pass,
-            # with respect to the body (through the features) as well as the head.
-            inputs = features if second_order else features.detach()
-
-            def support_loss(p: Params, inputs: Tensor = inputs) -> Tensor:
-                return self.objective.loss(forward_with(self.head, p, buffers, inputs), y)
-
-            grads = self._gradients(support_loss, head, second_order)
-            head, state = self.inner_update(head, grads, step, state)
-            trajectory.append(head)
-        set_adaptation_step(self.model, None)
-        return trajectory
-
     def _split(self, params: Params, buffers: Params) -> tuple[Params, Params]:
         """The head's parameters and buffers out of the model's, under the head's local names."""
         return ({local: params[full] for local, full in self._full_names.items()},
@@ -126,7 +106,7 @@ class ANIL(MAML):
         with torch.no_grad():
             set_adaptation_step(self.model, 0)
             before = forward_with(self.head, head, head_buffers, query)
-        trajectory = self._head_loop(head, head_buffers, support, support_y, steps, create_graph)
+        trajectory = self._inner_loop(head, head_buffers, support, support_y, steps, create_graph, self.head)
         after = forward_with(self.head, trajectory[-1], head_buffers, query)
         return (
             self.objective.loss(after, query_y),
@@ -144,5 +124,6 @@ class ANIL(MAML):
         set_adaptation_step(self.model, 0)
         support = self._features(params, buffers, task.support_x)
         head, head_buffers = self._split(params, buffers)
-        adapted = self._head_loop(head, head_buffers, support, task.support_y, steps, create_graph)[-1]
+        adapted = self._inner_loop(head, head_buffers, support, task.support_y, steps, create_graph,
+                                   self.head)[-1]
         return {**params, **{self._full_names[local]: p for local, p in adapted.items()}}

@@ -119,20 +119,25 @@ class MAML(MetaAlgorithm):
         return self.optimizer.step(params, grads, self.step_size(step), state)
 
     def _inner_loop(
-        self, params: Params, buffers: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool
+        self, params: Params, buffers: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool,
+        module: nn.Module | None = None,
     ) -> list[Params]:
         """The one inner loop, shared by training, evaluation and `adapt`: the parameters after each
-        of the `steps` inner steps."""
-
+        of the `steps` inner steps. `module` is what adapts, on inputs `x`: the model by default,
+        ANIL's head on the features its body computed."""
+        module = self.model if module is None else module
         trajectory, state = [], self.optimizer.init(params)
         for step in range(steps):
             set_adaptation_step(self.model, step)
+            second_order = create_graph and (self.second_order_steps is None or step < self.second_order_steps)
             xs, ys = self.inner_batch(x, y, step)
+            # A step that is not second order treats its gradient as a constant to the outer pass, also
+            # with respect to whatever computed its inputs (ANIL's body, through the features).
+            xs = xs if second_order else xs.detach()
 
             def support_loss(p: Params, xs: Tensor = xs, ys: Tensor = ys) -> Tensor:
-                return self.objective.loss(forward_with(self.model, p, buffers, xs), ys)
+                return self.objective.loss(forward_with(module, p, buffers, xs), ys)
 
-            second_order = create_graph and (self.second_order_steps is None or step < self.second_order_steps)
             grads = self._gradients(support_loss, params, second_order)
             params, state = self.inner_update(params, grads, step, state)
             trajectory.append(params)
