@@ -60,6 +60,37 @@ class TaskBatch:
         return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
 
 
+@dataclass(frozen=True)
+class PairBatch:
+    """Pairs of examples for verification training (Siamese networks): `x1[i]` and `x2[i]` are of the
+    same class iff `same[i]` is 1.0 (float, as the binary cross-entropy target)."""
+
+    x1: Tensor
+    x2: Tensor
+    same: Tensor
+
+    def __len__(self) -> int:
+        return self.x1.shape[0]
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        return PairBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class LabeledBatch:
+    """A plain minibatch of examples `x` with their class `y` among all classes of a split (for
+    pre-training a classifier, as the fine-tuning baselines do)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> LabeledBatch:
+        return LabeledBatch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+
+
 @runtime_checkable
 class TaskSampler(Protocol):
     """A task distribution: draws meta-batches of tasks for a split from an explicit generator."""
@@ -111,3 +142,28 @@ def fixed_batches(
             chunk = []
     if chunk:
         yield stack_tasks(chunk)
+
+
+class TrainingBatches:
+    """A task distribution whose training split yields the batches an algorithm trains on.
+
+    `sample(n, "train", g)` draws `n` pairs (`sample_pairs`) or `n` labelled examples
+    (`sample_labeled`) of the underlying distribution; every other split, and every other attribute,
+    is the distribution's own, so validation and test stay episodic. The trainer sees an ordinary
+    task sampler and needs no knowledge of the batch kind.
+    """
+
+    def __init__(self, tasks: TaskSampler, kind: str) -> None:
+        method = {"pairs": "sample_pairs", "labeled": "sample_labeled"}[kind]
+        if not callable(getattr(tasks, method, None)):
+            raise ValueError(f"trains on {kind} of examples of the training classes, which this task family "
+                             f"({type(tasks).__name__}) cannot draw: it needs a dataset of classes (an image dataset)")
+        self.tasks, self.kind, self._draw = tasks, kind, getattr(tasks, method)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tasks, name)
+
+    def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch | PairBatch | LabeledBatch:
+        if split == "train":
+            return self._draw(batch_size, split, generator)  # type: ignore[no-any-return]
+        return self.tasks.sample(batch_size, split, generator)

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
 from metalearn.metrics import query_metric
+from metalearn.tasks import TrainingBatches
 from metalearn.trainer import NonFiniteLossError
 
 
@@ -112,7 +113,7 @@ def check_learning_rates(node: Any, path: str = "") -> None:
 def _check_model_fits(model: torch.nn.Module, tasks: Any, predicts_targets: bool = True) -> None:
     """Fail early, naming the key, if the model cannot take the task family's inputs or (for algorithms
     whose model predicts the targets, not an embedding) its output size does not match."""
-    probe = tasks.sample(1, "train", torch.Generator().manual_seed(0))
+    probe = tasks.sample(1, "val", torch.Generator().manual_seed(0))  # an episode whatever training draws
     model.eval()
     try:
         with torch.no_grad():
@@ -142,6 +143,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tasks = _make(cfg.dataset, "dataset")
     model = _make(cfg.model, "model")
     algorithm = _make(cfg.algorithm, "algorithm", model=model, objective=tasks.objective)
+    if algorithm.train_batches != "episodes":
+        try:
+            tasks = TrainingBatches(tasks, algorithm.train_batches)
+        except ValueError as ex:
+            raise ConfigError(f"algorithm: {type(algorithm).__name__} {ex}") from ex
+    try:
+        algorithm.setup(tasks)
+    except (ValueError, TypeError) as ex:
+        raise _config_error("algorithm", ex) from ex
     _check_model_fits(model, tasks, algorithm.model_predicts_targets)
     optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
     scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None

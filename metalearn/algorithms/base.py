@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.functional import Params, buffers_of, forward_with
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
-from metalearn.tasks import Task, TaskBatch
+from metalearn.tasks import Task, TaskBatch, TaskSampler
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class MetaAlgorithm(nn.Module, ABC):
     """
 
     model_predicts_targets: ClassVar[bool] = True
+    # What `meta_train_step` takes: "episodes" (a TaskBatch, the default), "pairs" (a PairBatch) or
+    # "labeled" (a LabeledBatch of all training classes); see `metalearn.tasks.TrainingBatches`.
+    # Evaluation is always on episodes.
+    train_batches: str = "episodes"
 
     def __init__(self, model: nn.Module, objective: Objective) -> None:
         super().__init__()
@@ -71,6 +75,12 @@ class MetaAlgorithm(nn.Module, ABC):
         # They cost a forward pass of the query set that trains nothing, so the trainer asks for them
         # only on the steps it logs; when False they are NaN. Evaluation always measures them.
         self.measure_pre_adaptation = True
+
+    def setup(self, tasks: TaskSampler) -> None:
+        """Called once after construction, before the optimizer is built and any checkpoint is loaded,
+        with the task distribution. Algorithms whose meta-parameters depend on the data (the input
+        shape of a relation module, the number of classes of a pre-training head) create them here.
+        No-op by default."""
 
     def set_progress(self, step: int, max_steps: int) -> None:
         """Called by the trainer before each meta-training step with the 0-based index of that step.

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from metalearn.checks import positive_int
 from metalearn.data.augment import Augment
+from metalearn.data.batches import draw_labeled, draw_pairs
 from metalearn.objectives import Classification
-from metalearn.tasks import SPLITS, Split, Task, TaskBatch
+from metalearn.tasks import SPLITS, LabeledBatch, PairBatch, Split, Task, TaskBatch
 
 
 class ClassImages:
@@ -119,9 +120,7 @@ class EpisodeSampler:
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         """Draw `batch_size` episodes from `split` using only `generator`."""
-        if split not in self.splits:
-            raise ValueError(f"split={split!r}: this dataset has splits {', '.join(self.splits)}")
-        data = self.splits[split]
+        data = self._split(split)
         way, shot, query = self.shapes[split]
         per_class = shot + query
         # Distinct classes per episode: the first `way` of a random permutation (via random keys).
@@ -139,16 +138,44 @@ class EpisodeSampler:
         image_keys[torch.arange(width) >= counts.unsqueeze(-1)] = -1.0
         picks = image_keys.topk(per_class, dim=-1).indices  # [B, way, K+Q]
         index = data.offsets[classes].unsqueeze(-1) + picks
-        images = data.images[index.flatten()].view(batch_size, way, per_class, *data.image_shape)
-        images = images.to(torch.float32).div_(255.0)
-        if self.augment is not None and split == "train":
-            images = self.augment(images, generator)
+        images = self._images(data, index, split, generator)  # [B, way, K+Q, C, H, W]
         labels = torch.arange(way).view(1, way, 1).expand(batch_size, way, per_class)
         support_x = images[:, :, :shot].reshape(batch_size, way * shot, *data.image_shape)
         query_x = images[:, :, shot:].reshape(batch_size, way * query, *data.image_shape)
         support_y = labels[:, :, :shot].reshape(batch_size, way * shot)
         query_y = labels[:, :, shot:].reshape(batch_size, way * query)
         return TaskBatch(support_x, support_y, query_x, query_y)
+
+    def _split(self, split: Split) -> ClassImages:
+        if split not in self.splits:
+            raise ValueError(f"split={split!r}: this dataset has splits {', '.join(self.splits)}")
+        return self.splits[split]
+
+    def _images(self, data: ClassImages, index: Tensor, split: Split, generator: torch.Generator) -> Tensor:
+        """The images at `index` as floats in [0, 1], augmented if `split` is train."""
+        images = data.images[index].to(torch.float32).div_(255.0)
+        if self.augment is not None and split == "train":
+            images = self.augment(images, generator)
+        return images
+
+    def num_classes(self, split: Split) -> int:
+        """Classes of `split` (the label range of `sample_labeled`)."""
+        return self._split(split).num_classes
+
+    def sample_pairs(self, n: int, split: Split, generator: torch.Generator) -> PairBatch:
+        """`n` image pairs of `split`, half of them of one class (see `draw_pairs`; pairs are drawn
+        within a group when `within_group` is set); training pairs are augmented like episodes."""
+        data = self._split(split)
+        first, second, same = draw_pairs(data, n, generator, self.within_group)
+        both = self._images(data, torch.stack([first, second], 1), split, generator)
+        return PairBatch(both[:, 0], both[:, 1], same)
+
+    def sample_labeled(self, n: int, split: Split, generator: torch.Generator) -> LabeledBatch:
+        """`n` images of `split` drawn uniformly with their class in 0..num_classes(split)-1;
+        training images are augmented like episodes."""
+        data = self._split(split)
+        index, labels = draw_labeled(data, n, generator)
+        return LabeledBatch(self._images(data, index, split, generator), labels)
 
     def illustrate(self, predict: Callable[[Task, Tensor], tuple[Tensor, Tensor]], generator: torch.Generator,
                    per_class: int = 3) -> Figure:
