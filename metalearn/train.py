@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
 from metalearn.metrics import query_metric
 from metalearn.tasks import TrainingBatches
@@ -128,6 +129,24 @@ def _check_model_fits(model: torch.nn.Module, tasks: Any, predicts_targets: bool
                           f"{tasks.output_size} (set model.out_features={tasks.output_size})")
 
 
+def build_algorithm(node: DictConfig, model: torch.nn.Module, tasks: Any) -> tuple[MetaAlgorithm, Any]:
+    """The algorithm of config `node` on `model`, set up for the task distribution, and the
+    distribution as its training loop must see it (pairs or labelled minibatches for algorithms that
+    train on those, see `TrainingBatches`); the model is checked against the data."""
+    algorithm = _make(node, "algorithm", model=model, objective=tasks.objective)
+    if algorithm.train_batches != "episodes":
+        try:
+            tasks = TrainingBatches(tasks, algorithm.train_batches)
+        except ValueError as ex:
+            raise ConfigError(f"algorithm: {type(algorithm).__name__} {ex}") from ex
+    try:
+        algorithm.setup(tasks)
+    except (ValueError, TypeError) as ex:
+        raise _config_error("algorithm", ex) from ex
+    _check_model_fits(model, tasks, algorithm.model_predicts_targets)
+    return algorithm, tasks
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build dataset, model, algorithm, optimizer, schedule, logger and trainer from `cfg`; train; test."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -142,17 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # model initialisation; task sampling has its own generator
     tasks = _make(cfg.dataset, "dataset")
     model = _make(cfg.model, "model")
-    algorithm = _make(cfg.algorithm, "algorithm", model=model, objective=tasks.objective)
-    if algorithm.train_batches != "episodes":
-        try:
-            tasks = TrainingBatches(tasks, algorithm.train_batches)
-        except ValueError as ex:
-            raise ConfigError(f"algorithm: {type(algorithm).__name__} {ex}") from ex
-    try:
-        algorithm.setup(tasks)
-    except (ValueError, TypeError) as ex:
-        raise _config_error("algorithm", ex) from ex
-    _check_model_fits(model, tasks, algorithm.model_predicts_targets)
+    algorithm, tasks = build_algorithm(cfg.algorithm, model, tasks)
     optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
     scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
     trainer = _make(

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.objectives import Regression
-from metalearn.train import train
+from metalearn.train import build_algorithm, train
 from tests.conftest import CONF_DIR, Composer
 
 
@@ -52,9 +52,8 @@ def test_algorithm_dataset_step(algorithm: str, dataset: str, compose_cfg: Compo
     cfg = compose_cfg(f"algorithm={algorithm}", f"dataset={dataset}", f"model={MODEL_FOR[dataset]}")
     tasks = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
-    build = instantiate(cfg.algorithm, _partial_=True)
     try:
-        algorithm_obj = build(model=model, objective=tasks.objective)
+        algorithm_obj, tasks = build_algorithm(cfg.algorithm, model, tasks)
     except ValueError as ex:
         if not isinstance(tasks.objective, Regression) or "needs a classification dataset" not in str(ex):
             raise
