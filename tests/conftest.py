@@ -94,8 +94,14 @@ def compose_cfg(tmp_path: Path, cache_dir: Path, fake_data: dict[str, dict[str, 
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.data_dir = str(DATA_DIR)
             cfg.paths.cache_dir = str(cache_dir)
-            for key, value in fake_data.get(cfg.hydra.runtime.choices.dataset, {}).items():
+            fake = fake_data.get(cfg.hydra.runtime.choices.dataset)
+            for key, value in (fake or {}).items():
                 cfg.dataset[key] = value
+            # A paper's larger training episodes (ProtoNet trains 30-way 15-query) do not fit the fakes.
+            shrink = {"train_n_way": 5, "train_k_query": fake["k_query"]} if fake else {}
+            for key, value in shrink.items():
+                if cfg.dataset.get(key) is not None:
+                    cfg.dataset[key] = value
             del cfg.hydra
         return cfg
 

@@ -1,4 +1,5 @@
-"""Conv-4: shapes, normalisation modes, and that MAML meta-learns through it."""
+"""Conv-4: shapes, feature maps (pool_blocks, flatten), normalisation modes, and that MAML meta-learns
+through it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,39 @@ def test_shapes(downsample: str, image_size: int, embedding: int) -> None:
     assert model(torch.rand(7, 3, image_size, image_size)).shape == (7, 5)
     embedder = Conv4(3, None, image_size, downsample=downsample)
     assert embedder(torch.rand(2, 3, image_size, image_size)).shape == (2, embedding)
+
+
+@pytest.mark.parametrize(("downsample", "image_size", "pool_blocks", "side"), [
+    ("maxpool", 28, 2, 7), ("maxpool", 84, 2, 21), ("stride", 28, 2, 7), ("maxpool", 28, 0, 28), ("maxpool", 28, 4, 1),
+])
+def test_feature_maps(downsample: str, image_size: int, pool_blocks: int, side: int) -> None:
+    """pool_blocks=p halves the side p times (floor, as 2x2 max-pooling or stride-2 padded convolutions do);
+    flatten=False returns the map itself, flatten=True the same numbers flattened."""
+    torch.manual_seed(0)
+    maps = Conv4(1, None, image_size, hidden=8, downsample=downsample, pool_blocks=pool_blocks, flatten=False)
+    assert maps.feature_shape == (8, side, side) and maps.embedding_size == 8 * side * side
+    x = torch.rand(3, 1, image_size, image_size)
+    out = maps(x)
+    assert out.shape == (3, 8, side, side)
+    flat = Conv4(1, None, image_size, hidden=8, downsample=downsample, pool_blocks=pool_blocks)
+    flat.load_state_dict(maps.state_dict())  # same layers: only the final Flatten differs
+    assert torch.equal(flat(x), out.flatten(1))
+
+
+def test_default_downsamples_every_block_as_before() -> None:
+    """pool_blocks=None is pool_blocks=blocks: the same layers and outputs."""
+    torch.manual_seed(0)
+    default = Conv4(1, None, 28)
+    explicit = Conv4(1, None, 28, pool_blocks=4)
+    assert [type(m) for m in default.features] == [type(m) for m in explicit.features]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in default.features) == 4
+    assert isinstance(default.features[-1], torch.nn.Flatten) and default.feature_shape == (64,)
+    explicit.load_state_dict(default.state_dict())
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(default(x), explicit(x))
+    # Two pooling blocks of four: two max-pools, and the last two convolutions keep stride 1.
+    relation = Conv4(1, None, 28, downsample="stride", pool_blocks=2)
+    assert [c.stride for c in relation.features if isinstance(c, torch.nn.Conv2d)] == [(2, 2)] * 2 + [(1, 1)] * 2
 
 
 def test_width_is_configurable() -> None:
@@ -42,6 +76,12 @@ def test_bad_settings_are_named() -> None:
         Conv4(1, 5, 28, norm="layer")
     with pytest.raises(ValueError, match="downsample='avg'"):
         Conv4(1, 5, 28, downsample="avg")
+    with pytest.raises(ValueError, match="pool_blocks=5: must be at most blocks=4"):
+        Conv4(1, None, 28, pool_blocks=5)
+    with pytest.raises(ValueError, match="pool_blocks=-1: must be an integer >= 0"):
+        Conv4(1, None, 28, pool_blocks=-1)
+    with pytest.raises(ValueError, match="out_features=5: a head needs flat features"):
+        Conv4(1, 5, 28, flatten=False)
 
 
 def test_maml_learns_on_a_small_image_problem() -> None:
