@@ -23,7 +23,7 @@ from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
 from metalearn.models.norm import PerStepBatchNorm2d
 from metalearn.objectives import Classification, Objective
-from metalearn.tasks import Task, TaskBatch
+from metalearn.tasks import Task, TaskBatch, TaskSampler
 
 
 def mixes_examples(model: nn.Module) -> bool:
@@ -47,6 +47,21 @@ def embed_sets(model: nn.Module, sets: Sequence[Tensor]) -> list[Tensor]:
     flat = model(torch.cat([images.flatten(0, 1) for images in sets]))
     parts = flat.split([images.shape[0] * images.shape[1] for images in sets])
     return [part.view(images.shape[0], images.shape[1], *part.shape[1:]) for part, images in zip(parts, sets)]
+
+
+def probe_features(model: nn.Module, tasks: TaskSampler) -> Tensor:
+    """The model's outputs [n, ...] for the support images of one validation episode, computed in
+    evaluation mode without gradients, every module's mode restored afterwards (so BatchNorm's running
+    statistics are untouched). Used to size the meta-parameters that depend on the embedding."""
+    probe = tasks.sample(1, "val", torch.Generator().manual_seed(0))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(probe.support_x[0])
+    finally:
+        for module, training in modes.items():
+            module.train(training)
 
 
 def n_way_of(labels: Tensor) -> int:
@@ -107,6 +122,11 @@ class MetricLearner(MetaAlgorithm):
         """Per-task query loss [T] of the scores: the objective's cross-entropy by default."""
         return vmap(self.objective.loss)(logits, query_y)
 
+    def chance_loss(self, uniform: Tensor, query_y: Tensor) -> Tensor:
+        """Per-task query loss [T] of a classifier that knows nothing of the task, given its uniform
+        scores [T, Q, N] (zeros): `query_loss` of them by default, i.e. cross-entropy log N."""
+        return self.query_loss(uniform, query_y)
+
     def _outcome(self, batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-task query loss (differentiable), then detached chance-level loss, accuracy and
         chance-level accuracy (NaN while training with `measure_pre_adaptation` off)."""
@@ -115,7 +135,7 @@ class MetricLearner(MetaAlgorithm):
         score = vmap(self.objective.score)
         uniform = torch.zeros_like(logits.detach())
         if self.measure_pre_adaptation or not torch.is_grad_enabled():  # evaluation always measures them
-            loss_pre, score_pre = vmap(self.objective.loss)(uniform, batch.query_y), score(uniform, batch.query_y)
+            loss_pre, score_pre = self.chance_loss(uniform, batch.query_y), score(uniform, batch.query_y)
         else:
             loss_pre = score_pre = torch.full((len(batch),), math.nan, dtype=logits.dtype, device=logits.device)
         return self.query_loss(logits, batch.query_y), loss_pre, score(logits.detach(), batch.query_y), score_pre
