@@ -139,11 +139,11 @@ def build_algorithm(node: DictConfig, model: torch.nn.Module, tasks: Any) -> tup
             tasks = TrainingBatches(tasks, algorithm.train_batches)
         except ValueError as ex:
             raise ConfigError(f"algorithm: {type(algorithm).__name__} {ex}") from ex
+    _check_model_fits(model, tasks, algorithm.model_predicts_targets)  # before setup probes the model
     try:
         algorithm.setup(tasks)
     except (ValueError, TypeError) as ex:
         raise _config_error("algorithm", ex) from ex
-    _check_model_fits(model, tasks, algorithm.model_predicts_targets)
     return algorithm, tasks
 
 

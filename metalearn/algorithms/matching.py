@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, probe_features
+from metalearn.algorithms.metric import MetricLearner, class_members, probe_features
 from metalearn.checks import positive_int
 from metalearn.objectives import Objective
 from metalearn.tasks import TaskSampler
@@ -42,15 +42,6 @@ from metalearn.tasks import TaskSampler
 def attention_logits(queries: Tensor, support: Tensor, scale: Tensor) -> Tensor:
     """scale * cosine similarity [T, Q, n] of every query embedding [T, Q, d] to every support one [T, n, d]."""
     return scale * (F.normalize(queries, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2))
-
-
-def class_members(support_y: Tensor, n_way: int) -> Tensor:
-    """One-hot class membership [T, n, n_way] of the support labels [T, n] in 0..n_way-1, checking that
-    every class has an example (a class without one would get probability 0)."""
-    members = F.one_hot(support_y, n_way)
-    if bool((members.sum(1) == 0).any()):
-        raise ValueError(f"support_y: every class 0..{n_way - 1} needs a support example in every task")
-    return members
 
 
 def class_log_probabilities(logits: Tensor, members: Tensor) -> Tensor:

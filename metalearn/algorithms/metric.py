@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -62,6 +63,22 @@ def probe_features(model: nn.Module, tasks: TaskSampler) -> Tensor:
     finally:
         for module, training in modes.items():
             module.train(training)
+
+
+def class_members(support_y: Tensor, n_way: int) -> Tensor:
+    """One-hot class membership [T, n, n_way] (int64) of the support labels [T, n] in 0..n_way-1,
+    checking that every class of every task has an example."""
+    members = F.one_hot(support_y, n_way)
+    if bool((members.sum(1) == 0).any()):
+        raise ValueError(f"support_y: every class 0..{n_way - 1} needs a support example in every task")
+    return members
+
+
+def class_sums(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """[T, n_way, ...]: per task, the sum of each class's support features [T, n, ...] (labels [T, n]
+    in 0..n_way-1; every class needs an example). Exact: a product with the one-hot membership."""
+    members = class_members(labels, n_way).to(features.dtype)
+    return (members.transpose(1, 2) @ features.flatten(2)).view(features.shape[0], n_way, *features.shape[2:])
 
 
 def n_way_of(labels: Tensor) -> int:

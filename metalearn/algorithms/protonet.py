@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner
+from metalearn.algorithms.metric import MetricLearner, class_members, class_sums
 from metalearn.checks import one_of
 from metalearn.objectives import Objective
 
@@ -27,20 +26,10 @@ DISTANCES = ("euclidean", "cosine")
 
 
 def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """Prototypes [T, n_way, d]: per task, the mean embedding of each class (any number of shots).
-
-    Args:
-        embeddings: support embeddings [T, n, d].
-        labels: their classes [T, n], in 0..n_way-1; every class needs at least one example.
-    """
-    tasks, _, d = embeddings.shape
-    # One index_add over all tasks: task t's class k accumulates in row t * n_way + k.
-    index = (labels + n_way * torch.arange(tasks, device=labels.device).unsqueeze(1)).flatten()
-    sums = embeddings.new_zeros(tasks * n_way, d).index_add(0, index, embeddings.reshape(-1, d))
-    counts = torch.bincount(index, minlength=tasks * n_way)
-    if bool((counts == 0).any()):
-        raise ValueError(f"support_y: every class 0..{n_way - 1} needs a support example in every task")
-    return (sums / counts.unsqueeze(1).to(sums.dtype)).view(tasks, n_way, d)
+    """Prototypes [T, n_way, d]: per task, the mean embedding [T, n, d] of each class (any number of
+    shots; labels [T, n] in 0..n_way-1, every class needs an example)."""
+    counts = class_members(labels, n_way).sum(1).unsqueeze(-1)  # [T, n_way, 1]
+    return class_sums(embeddings, labels, n_way) / counts.to(embeddings.dtype)
 
 
 def similarities(queries: Tensor, prototypes: Tensor, distance: str) -> Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, mixes_examples, probe_features
+from metalearn.algorithms.metric import MetricLearner, class_sums, mixes_examples, probe_features
 from metalearn.checks import one_of, positive_int
 from metalearn.models.norm import norm_layer
 from metalearn.objectives import Objective
@@ -53,18 +53,6 @@ def as_maps(features: Tensor, leading: int = 2) -> Tensor:
         raise ValueError(f"model: Relation Networks compare feature maps [C, H, W] or vectors, but the model "
                          f"gives features of shape {tuple(features.shape[leading:])}")
     return features
-
-
-def class_sums(maps: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """[T, n_way, C, H, W]: per task, the sum of each class's support feature maps [T, n, C, H, W]
-    (labels [T, n] in 0..n_way-1; every class needs an example)."""
-    tasks = maps.shape[0]
-    index = (labels + n_way * torch.arange(tasks, device=labels.device).unsqueeze(1)).flatten()
-    counts = torch.bincount(index, minlength=tasks * n_way)
-    if bool((counts == 0).any()):
-        raise ValueError(f"support_y: every class 0..{n_way - 1} needs a support example in every task")
-    sums = maps.new_zeros(tasks * n_way, *maps.shape[2:]).index_add(0, index, maps.flatten(0, 1))
-    return sums.view(tasks, n_way, *maps.shape[2:])
 
 
 def relation_module(channels: int, height: int, width: int, filters: int, hidden: int, norm: str) -> nn.Sequential:

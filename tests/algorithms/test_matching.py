@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from metalearn.algorithms.matching import MatchingNet, attention_logits, class_log_probabilities, class_members
+from metalearn.algorithms.matching import MatchingNet, attention_logits, class_log_probabilities
+from metalearn.algorithms.metric import class_members
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from metalearn.algorithms.relation import RelationNet, class_sums
+from metalearn.algorithms.metric import class_sums
+from metalearn.algorithms.relation import RelationNet
 from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
