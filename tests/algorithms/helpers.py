@@ -4,6 +4,7 @@ references, finite differences, gradient capture and comparison, and a short sin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -11,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult
+from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.models.mlp import MLP
-from metalearn.tasks import TaskBatch
+from metalearn.tasks import TaskBatch, TaskSampler
 
 VECTORIZE = pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 
@@ -138,3 +139,26 @@ def sinusoid_run(
     algorithm.eval()
     trained = algorithm.evaluate(held_out)
     return trained.loss_pre.mean().item(), trained.loss.mean().item(), untrained.loss.mean().item()
+
+
+def learning_run(algorithm: MetaAlgorithm, episodes: TaskSampler, draw: Callable[[torch.Generator], Any],
+                 steps: int, lr: float) -> tuple[float, TaskScores, StepResult]:
+    """The short learning run of the metric-based methods' Omniglot tests: the held-out accuracy of the
+    untrained algorithm on 100 test episodes (seed 7), then `steps` Adam steps on the batches `draw`
+    gives from a generator seeded 8, then the scores on the same held-out episodes.
+
+    Returns:
+        (untrained accuracy, scores after training, the last training step's result).
+    """
+    held_out = episodes.sample(100, "test", torch.Generator().manual_seed(7))
+    algorithm.eval()
+    untrained = algorithm.evaluate(held_out).score.mean().item()
+    algorithm.train()
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        result = algorithm.meta_train_step(draw(generator))
+        optimizer.step()
+    algorithm.eval()
+    return untrained, algorithm.evaluate(held_out), result

@@ -20,7 +20,7 @@ from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import meta_grads
+from tests.algorithms.helpers import learning_run, meta_grads
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prototypes, logits and scores on hand-made 2-D points (the model is the identity).
@@ -272,18 +272,8 @@ def test_learns_omniglot_5way_1shot(omniglot_root: Path, cache_dir: Path) -> Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         algorithm = ProtoNet(Conv4(1, None, 28, hidden=16, norm="batch_running"), Classification())
-    held_out = episodes.sample(100, "test", torch.Generator().manual_seed(7))
-    algorithm.eval()
-    untrained = algorithm.evaluate(held_out).score.mean().item()
-    algorithm.train()
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(8)
-    for _ in range(150):
-        optimizer.zero_grad(set_to_none=True)
-        algorithm.meta_train_step(episodes.sample(4, "train", generator))
-        optimizer.step()
-    algorithm.eval()
-    scores = algorithm.evaluate(held_out)
+    untrained, scores, _ = learning_run(algorithm, episodes, lambda g: episodes.sample(4, "train", g),
+                                        steps=150, lr=1e-3)
     accuracy = scores.score.mean().item()
     # Measured: 0.45 untrained (random Conv-4 features already separate some characters), 0.81 after.
     assert accuracy > 0.7 and accuracy > untrained + 0.2, (untrained, accuracy)

@@ -20,7 +20,7 @@ from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import meta_grads
+from tests.algorithms.helpers import learning_run, meta_grads
 
 
 class Fixed:
@@ -319,18 +319,8 @@ def test_learns_omniglot_5way_1shot(omniglot_root: Path, cache_dir: Path) -> Non
         model = Conv4(1, None, 28, hidden=16, norm="batch_running", pool_blocks=2, flatten=False)
         algorithm = RelationNet(model, Classification())
         algorithm.setup(episodes)
-    held_out = episodes.sample(100, "test", torch.Generator().manual_seed(7))
-    algorithm.eval()
-    untrained = algorithm.evaluate(held_out).score.mean().item()
-    algorithm.train()
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(8)
-    for _ in range(200):
-        optimizer.zero_grad(set_to_none=True)
-        algorithm.meta_train_step(episodes.sample(4, "train", generator))
-        optimizer.step()
-    algorithm.eval()
-    scores = algorithm.evaluate(held_out)
+    untrained, scores, _ = learning_run(algorithm, episodes, lambda g: episodes.sample(4, "train", g),
+                                        steps=200, lr=1e-3)
     accuracy = scores.score.mean().item()
     # Measured: 0.20 untrained (equal scores from the untrained module), 0.79 after.
     assert accuracy > 0.65 and accuracy > untrained + 0.3, (untrained, accuracy)

@@ -18,7 +18,7 @@ from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import PairBatch, Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import meta_grads
+from tests.algorithms.helpers import learning_run, meta_grads
 
 
 class OneEpisode:
@@ -328,18 +328,9 @@ def test_learns_omniglot_5way_1shot(loss: str, margin: float, floor: float, gain
         algorithm = Siamese(Conv4(1, None, 28, hidden=16, norm="batch_running"), Classification(), loss=loss,
                             margin=margin)
     algorithm.setup(episodes)
-    held_out = episodes.sample(100, "test", torch.Generator().manual_seed(7))
-    algorithm.eval()
-    untrained = algorithm.evaluate(held_out).score.mean().item()
-    algorithm.train()
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(8)
-    for _ in range(200):
-        optimizer.zero_grad(set_to_none=True)
-        result = algorithm.meta_train_step(episodes.sample_pairs(64, "train", generator))
-        optimizer.step()
-    algorithm.eval()
-    accuracy = algorithm.evaluate(held_out).score.mean().item()
+    untrained, scores, result = learning_run(algorithm, episodes, lambda g: episodes.sample_pairs(64, "train", g),
+                                             steps=200, lr=2e-3)
+    accuracy = scores.score.mean().item()
     # Measured: koch 0.45 untrained (the L1 nearest neighbour of random features) -> 0.60; contrastive
     # 0.45 -> 0.74. The last step's verification accuracy is above chance too.
     assert accuracy > floor and accuracy > untrained + gain, (untrained, accuracy)
