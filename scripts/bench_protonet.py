@@ -10,7 +10,9 @@ pixels), pre-drawn, so no dataset is needed; sampling real episodes costs about 
     reference   the plain loop of the paper's code: support and query images concatenated into one
                 forward pass, prototypes by reshape-and-mean, squared distances by broadcasting,
                 cross-entropy, backward, Adam step.
-    metalearn   `ProtoNet.meta_train_step` as the trainer runs it (zero_grad, step, optimizer step).
+    reference, NHWC  the same loop with the model in the channels-last memory layout, for information.
+    metalearn   `ProtoNet.meta_train_step` as the trainer runs it (zero_grad, step, optimizer step),
+                with the experiments' model: Conv-4 with `channels_last=true`.
                 BatchNorm with batch statistics makes an image's embedding depend on its batch, so
                 metalearn embeds the support set and the query set in separate passes (queries
                 never shape the prototypes' normalisation); the reference's joint pass mixes them.
@@ -48,9 +50,10 @@ TARGET_EPISODES_PER_S = 20.0
 POOL = 16  # distinct pre-drawn episodes, cycled
 
 
-def make_model(seed: int = 0) -> Conv4:
+def make_model(seed: int = 0, channels_last: bool = False) -> Conv4:
     torch.manual_seed(seed)
-    return Conv4(1, None, IMAGE_SIZE, hidden=64, norm="batch_running", downsample="maxpool")
+    return Conv4(1, None, IMAGE_SIZE, hidden=64, norm="batch_running", downsample="maxpool",
+                 channels_last=channels_last)
 
 
 def episodes(seed: int = 0) -> list[TaskBatch]:
@@ -66,9 +69,9 @@ def episodes(seed: int = 0) -> list[TaskBatch]:
     return [batch() for _ in range(POOL)]
 
 
-def reference_step(pool: list[TaskBatch]) -> Callable[[int], None]:
+def reference_step(pool: list[TaskBatch], channels_last: bool = False) -> Callable[[int], None]:
     """One training episode of the plain loop (the structure of the paper's code)."""
-    model = make_model()
+    model = make_model(channels_last=channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def step(i: int) -> None:
@@ -85,8 +88,8 @@ def reference_step(pool: list[TaskBatch]) -> Callable[[int], None]:
 
 
 def metalearn_step(pool: list[TaskBatch]) -> Callable[[int], None]:
-    """One training episode as the trainer runs it."""
-    algorithm = ProtoNet(make_model(), Classification())
+    """One training episode as the trainer runs it, with the experiment's model (channels-last)."""
+    algorithm = ProtoNet(make_model(channels_last=True), Classification())
     algorithm.measure_pre_adaptation = False  # as the trainer, except on its logging steps
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=LR)
 
@@ -151,7 +154,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); Conv-4 (64 filters, max-pool, "
           f"BatchNorm), {N_WAY}-way {K_SHOT}-shot {K_QUERY}-query 28x28, one episode per Adam step")
     pool = episodes()
-    variants = {"reference": reference_step(pool), "metalearn": metalearn_step(pool)}
+    variants = {"reference": reference_step(pool), "reference, NHWC": reference_step(pool, channels_last=True),
+                "metalearn": metalearn_step(pool)}
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     peaks: list[float] = []
     for _ in range(args.rounds):
@@ -162,11 +166,11 @@ def main() -> None:
     flops = conv_flops_per_episode()
     print(f"matmul peak (1024x1024 float32): {peak / 1e9:.1f} GFLOP/s; convolutions: "
           f"{flops / 1e9:.3f} GFLOP per training episode")
-    print(f"{'variant':12s}{'episodes/s':>12s}{'vs ref':>9s}{'GFLOP/s':>10s}{'of peak':>9s}   rounds")
+    print(f"{'variant':18s}{'episodes/s':>12s}{'vs ref':>9s}{'GFLOP/s':>10s}{'of peak':>9s}   rounds")
     ref = statistics.median(rounds["reference"])
     for name, values in rounds.items():
         median = statistics.median(values)
-        print(f"{name:12s}{median:12.2f}{median / ref:8.2f}x{median * flops / 1e9:10.1f}{median * flops / peak:8.0%}"
+        print(f"{name:18s}{median:12.2f}{median / ref:8.2f}x{median * flops / 1e9:10.1f}{median * flops / peak:8.0%}"
               f"   {', '.join(f'{v:.2f}' for v in values)}")
     ours = statistics.median(rounds["metalearn"])
     verdict = "PASS" if ours >= TARGET_EPISODES_PER_S and ours >= ref else "FAIL"

@@ -111,3 +111,26 @@ def test_maml_learns_on_a_small_image_problem() -> None:
     scores = algorithm.evaluate(held_out)
     assert scores.score_pre.mean() < 0.65
     assert scores.score.mean() > 0.8
+
+
+def test_channels_last_computes_the_same_values_and_gradients() -> None:
+    """channels_last only changes the memory layout: weights and activations are NHWC, outputs and
+    gradients equal the contiguous network's up to float32 rounding."""
+    models = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        models.append(Conv4(1, 5, 28, hidden=8, norm="batch_running", channels_last=channels_last))
+    plain, nhwc = models
+    conv = nhwc.features[0]
+    assert isinstance(conv, torch.nn.Conv2d) and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 28, 28)
+    outputs = [model(x) for model in models]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for out in outputs:
+        out.square().sum().backward()
+    # Rounding noise is relative to the largest gradients (about 40 here); the biases before BatchNorm
+    # have true gradient 0, so their entries are pure noise of that size.
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters() if p.grad is not None)
+    for (name, p), q in zip(plain.named_parameters(), nhwc.parameters()):
+        assert q.grad is not None and p.grad is not None
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
