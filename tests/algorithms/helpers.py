@@ -14,8 +14,11 @@ from torch.func import functional_call
 
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
+from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.sinusoid import SinusoidTasks
+from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
+from metalearn.objectives import Classification
 from metalearn.tasks import TaskBatch, TaskSampler
 
 VECTORIZE = pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
@@ -162,3 +165,48 @@ def learning_run(algorithm: MetaAlgorithm, episodes: TaskSampler, draw: Callable
         optimizer.step()
     algorithm.eval()
     return untrained, algorithm.evaluate(held_out), result
+
+
+class Fixed:
+    """A task sampler that always returns the same batch (for `setup` on synthetic features)."""
+
+    objective = Classification()
+
+    def __init__(self, batch: TaskBatch) -> None:
+        self.batch = batch
+
+    def sample(self, batch_size: int, split: str, generator: torch.Generator) -> TaskBatch:
+        return self.batch
+
+
+def tiny_episodes(k_shot: int = 1) -> EpisodeSampler:
+    """Random 8x8 images of 10 classes (6 per class) in every split: 6-way training, 3-way evaluation."""
+    g = torch.Generator().manual_seed(0)
+    images = ClassImages(torch.randint(0, 256, (60, 1, 8, 8), generator=g, dtype=torch.uint8),
+                         torch.arange(10).repeat_interleave(6), [f"c{i}" for i in range(10)])
+    return EpisodeSampler({"train": images, "val": images, "test": images}, n_way=3, k_shot=k_shot, k_query=2,
+                          train_n_way=6, train_k_shot=2, train_k_query=3)
+
+
+def tiny_conv(norm: str, seed: int = 0) -> Conv4:
+    """A two-block Conv-4 embedding (4 filters, 8x8 images -> 16 features), seeded without touching
+    the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Conv4(1, None, 8, hidden=4, blocks=2, norm=norm)
+
+
+def random_batch(seed: int, tasks: int, n_way: int, shots: int, queries: int,
+                 shape: tuple[int, ...] = (3,)) -> TaskBatch:
+    """float64 tasks of random inputs of `shape` (points, or images such as (1, 4, 4)) with labels
+    0..n_way-1 in a shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+
+    def labels(per_class: int) -> Tensor:
+        return torch.stack([torch.arange(n_way).repeat(per_class)[torch.randperm(n_way * per_class, generator=g)]
+                            for _ in range(tasks)])
+
+    def inputs(per_class: int) -> Tensor:
+        return torch.randn(tasks, n_way * per_class, *shape, generator=g, dtype=torch.float64)
+
+    return TaskBatch(inputs(shots), labels(shots), inputs(queries), labels(queries))

@@ -15,13 +15,20 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.matching import MatchingNet, attention_logits, class_log_probabilities
 from metalearn.algorithms.metric import class_members
-from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import central_differences, learning_run, meta_grads
+from tests.algorithms.helpers import (
+    Fixed,
+    central_differences,
+    learning_run,
+    meta_grads,
+    random_batch,
+    tiny_conv,
+    tiny_episodes,
+)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Attention and class probabilities on hand-made 2-D points (the model is the identity).
@@ -117,30 +124,6 @@ def test_learned_scale_gradient_equals_finite_differences() -> None:
 # ---------------------------------------------------------------------------------------------
 # 2. Meta-gradients equal those of a plain-autograd reference (FCE written out step by step).
 # ---------------------------------------------------------------------------------------------
-
-
-def random_batch(seed: int, tasks: int, n_way: int, shots: int, queries: int, features: int = 3) -> TaskBatch:
-    """float64 tasks of random points with labels 0..n_way-1 in a shuffled order."""
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(per_class: int) -> Tensor:
-        return torch.stack([torch.arange(n_way).repeat(per_class)[torch.randperm(n_way * per_class, generator=g)]
-                            for _ in range(tasks)])
-
-    return TaskBatch(torch.randn(tasks, n_way * shots, features, generator=g, dtype=torch.float64), labels(shots),
-                     torch.randn(tasks, n_way * queries, features, generator=g, dtype=torch.float64), labels(queries))
-
-
-class Fixed:
-    """A task sampler that always returns the same batch (for `setup` on synthetic features)."""
-
-    objective = Classification()
-
-    def __init__(self, batch: TaskBatch) -> None:
-        self.batch = batch
-
-    def sample(self, batch_size: int, split: str, generator: torch.Generator) -> TaskBatch:
-        return self.batch
 
 
 def lstm_step(x: Tensor, h: Tensor, c: Tensor, weights: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -239,23 +222,6 @@ def test_meta_gradient_matches_reference(shots: int, fce: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # 3. Full context embeddings: setup, shapes, and where the support order matters.
 # ---------------------------------------------------------------------------------------------
-
-
-def tiny_episodes(k_shot: int = 1) -> EpisodeSampler:
-    """Random 8x8 images of 10 classes (6 per class) in every split: 6-way training, 3-way evaluation."""
-    g = torch.Generator().manual_seed(0)
-    images = ClassImages(torch.randint(0, 256, (60, 1, 8, 8), generator=g, dtype=torch.uint8),
-                         torch.arange(10).repeat_interleave(6), [f"c{i}" for i in range(10)])
-    return EpisodeSampler({"train": images, "val": images, "test": images}, n_way=3, k_shot=k_shot, k_query=2,
-                          train_n_way=6, train_k_shot=2, train_k_query=3)
-
-
-def tiny_conv(norm: str, seed: int = 0) -> Conv4:
-    """A two-block Conv-4 embedding (4 filters, 8x8 images -> 16 features), seeded without touching
-    the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Conv4(1, None, 8, hidden=4, blocks=2, norm=norm)
 
 
 def test_fce_setup_sizes_the_lstms_and_leaves_the_model_alone() -> None:

@@ -14,13 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.protonet import ProtoNet, class_means
-from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import learning_run, meta_grads
+from tests.algorithms.helpers import learning_run, meta_grads, random_batch, tiny_conv, tiny_episodes
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prototypes, logits and scores on hand-made 2-D points (the model is the identity).
@@ -102,18 +101,6 @@ def test_fixed_scale_is_a_buffer_that_scales_euclidean_logits() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_batch(seed: int, tasks: int, n_way: int, shots: int, queries: int, features: int = 3) -> TaskBatch:
-    """float64 tasks of random points with labels 0..n_way-1 in a shuffled order."""
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(per_class: int) -> Tensor:
-        return torch.stack([torch.arange(n_way).repeat(per_class)[torch.randperm(n_way * per_class, generator=g)]
-                            for _ in range(tasks)])
-
-    return TaskBatch(torch.randn(tasks, n_way * shots, features, generator=g, dtype=torch.float64), labels(shots),
-                     torch.randn(tasks, n_way * queries, features, generator=g, dtype=torch.float64), labels(queries))
-
-
 def reference_loss(model: nn.Module, batch: TaskBatch) -> Tensor:
     """Mean over tasks of the query cross-entropy with logits -||f(x) - c_k||^2, c_k the mean of f over
     class k's support points: one task, one class and one difference at a time."""
@@ -155,23 +142,6 @@ def test_meta_gradient_matches_reference(shots: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # 3. Training way differs from evaluation way; evaluation leaves no gradients.
 # ---------------------------------------------------------------------------------------------
-
-
-def tiny_episodes() -> EpisodeSampler:
-    """Random 8x8 images of 10 classes (6 per class) in every split: 6-way training, 3-way evaluation."""
-    g = torch.Generator().manual_seed(0)
-    images = ClassImages(torch.randint(0, 256, (60, 1, 8, 8), generator=g, dtype=torch.uint8),
-                         torch.arange(10).repeat_interleave(6), [f"c{i}" for i in range(10)])
-    return EpisodeSampler({"train": images, "val": images, "test": images}, n_way=3, k_shot=1, k_query=2,
-                          train_n_way=6, train_k_shot=2, train_k_query=3)
-
-
-def tiny_conv(norm: str, seed: int = 0) -> Conv4:
-    """A two-block Conv-4 embedding (4 filters, 8x8 images -> 16 features), seeded without touching
-    the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Conv4(1, None, 8, hidden=4, blocks=2, norm=norm)
 
 
 def test_training_way_differs_from_evaluation_way() -> None:

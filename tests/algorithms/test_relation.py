@@ -15,24 +15,11 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.metric import class_sums
 from metalearn.algorithms.relation import RelationNet
-from metalearn.data.episodes import ClassImages, EpisodeSampler
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import learning_run, meta_grads
-
-
-class Fixed:
-    """A task sampler that always returns the same batch (for `setup` on synthetic features)."""
-
-    objective = Classification()
-
-    def __init__(self, batch: TaskBatch) -> None:
-        self.batch = batch
-
-    def sample(self, batch_size: int, split: str, generator: torch.Generator) -> TaskBatch:
-        return self.batch
+from tests.algorithms.helpers import Fixed, learning_run, meta_grads, random_batch, tiny_episodes
 
 
 def sigmoid(x: float) -> float:
@@ -162,20 +149,6 @@ def test_flat_embeddings_are_one_by_one_maps() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_batch(seed: int, tasks: int, n_way: int, shots: int, queries: int) -> TaskBatch:
-    """float64 tasks of random 1x4x4 images with labels 0..n_way-1 in a shuffled order."""
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(per_class: int) -> Tensor:
-        return torch.stack([torch.arange(n_way).repeat(per_class)[torch.randperm(n_way * per_class, generator=g)]
-                            for _ in range(tasks)])
-
-    def images(per_class: int) -> Tensor:
-        return torch.randn(tasks, n_way * per_class, 1, 4, 4, generator=g, dtype=torch.float64)
-
-    return TaskBatch(images(shots), labels(shots), images(queries), labels(queries))
-
-
 def reference_loss(algorithm: RelationNet, batch: TaskBatch) -> Tensor:
     """Mean over tasks of the mean over queries and classes of (r(sum of class k's maps, query) - [y = k])^2,
     with r the relation module on one [class; query] pair at a time."""
@@ -199,7 +172,7 @@ def test_meta_gradient_matches_reference(shots: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh()).double()
-        batch = random_batch(seed=shots, tasks=3, n_way=4, shots=shots, queries=2)
+        batch = random_batch(seed=shots, tasks=3, n_way=4, shots=shots, queries=2, shape=(1, 4, 4))
         algorithm = RelationNet(model, Classification(), filters=3, hidden=5, norm="none")
         algorithm.setup(Fixed(batch))
     grads, result = meta_grads(algorithm, batch, of=algorithm)
@@ -218,15 +191,6 @@ def test_meta_gradient_matches_reference(shots: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # 4. Batch statistics within a task; evaluation leaves no gradients; chance metrics are optional.
 # ---------------------------------------------------------------------------------------------
-
-
-def tiny_episodes() -> EpisodeSampler:
-    """Random 8x8 images of 10 classes (6 per class) in every split: 6-way training, 3-way evaluation."""
-    g = torch.Generator().manual_seed(0)
-    images = ClassImages(torch.randint(0, 256, (60, 1, 8, 8), generator=g, dtype=torch.uint8),
-                         torch.arange(10).repeat_interleave(6), [f"c{i}" for i in range(10)])
-    return EpisodeSampler({"train": images, "val": images, "test": images}, n_way=3, k_shot=1, k_query=2,
-                          train_n_way=6, train_k_shot=2, train_k_query=3)
 
 
 def tiny_maps(norm: str) -> Conv4:
@@ -286,7 +250,7 @@ def test_setup_is_required_and_checks_the_feature_shape() -> None:
         algorithm.evaluate(stack_tasks([HAND_TASK]))
     sequences = nn.Flatten(2)  # [n, C, H, W] -> [n, C, H * W]: neither maps nor vectors
     with pytest.raises(ValueError, match=r"feature maps \[C, H, W\] or vectors, but the model gives .*\(1, 16\)"):
-        RelationNet(sequences, Classification()).setup(Fixed(random_batch(0, 1, 2, 1, 1)))
+        RelationNet(sequences, Classification()).setup(Fixed(random_batch(0, 1, 2, 1, 1, shape=(1, 4, 4))))
 
 
 def test_regression_objective_is_refused() -> None:
