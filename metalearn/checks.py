@@ -28,6 +28,14 @@ def non_negative_float(name: str, value: float) -> float:
     return float(value)
 
 
+def positive_float(name: str, value: float, null_ok: bool = False) -> float:
+    """Return `value` as a float if it is finite and > 0, else raise ValueError naming it. `null_ok`:
+    the setting may also be null (the caller handles None), which the message says."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name}={value!r}: must be a finite number > 0" + (" or null" if null_ok else ""))
+    return float(value)
+
+
 def interval(name: str, value: Sequence[float]) -> tuple[float, float]:
     """Return `(low, high)` if `value` is a pair with low <= high, else raise ValueError naming it."""
     pair = tuple(float(v) for v in value)

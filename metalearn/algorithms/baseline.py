@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import StepResult
 from metalearn.algorithms.functional import Params
 from metalearn.algorithms.metric import MetricLearner, probe_features
-from metalearn.checks import non_negative_float, non_negative_int, one_of, positive_int
+from metalearn.checks import non_negative_float, non_negative_int, one_of, positive_float, positive_int
 from metalearn.objectives import Objective
 from metalearn.tasks import LabeledBatch, TaskBatch, TaskSampler
 
@@ -78,10 +78,7 @@ class Baseline(MetricLearner):
                  fit_seed: int = 0) -> None:
         super().__init__(model, objective)
         self.head_kind = one_of("head", head, HEADS)
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not 0 < scale < math.inf):
-            raise ValueError(f"scale={scale!r}: must be a finite number > 0 or null")
-        self.cosine_scale = None if scale is None else float(scale)
+        self.cosine_scale = None if scale is None else positive_float("scale", scale, null_ok=True)
         self.fit_lr = non_negative_float("fit_lr", fit_lr)
         self.fit_momentum = non_negative_float("fit_momentum", fit_momentum)
         self.fit_dampening = non_negative_float("fit_dampening", fit_dampening)

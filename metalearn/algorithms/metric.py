@@ -22,6 +22,7 @@ from torch.func import vmap
 
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
+from metalearn.checks import positive_float
 from metalearn.models.norm import PerStepBatchNorm2d
 from metalearn.objectives import Classification, Objective
 from metalearn.tasks import Task, TaskBatch, TaskSampler
@@ -114,9 +115,7 @@ class MetricLearner(MetaAlgorithm):
 
     def _register_scale(self, scale: float, learn: bool) -> None:
         """`self.scale`: a meta-parameter starting at `scale` if `learn`, else a fixed buffer."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
-            raise ValueError(f"scale={scale!r}: must be a finite number > 0")
-        initial = torch.tensor(float(scale))
+        initial = torch.tensor(positive_float("scale", scale))
         if learn:
             self.scale = nn.Parameter(initial)
         else:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import StepResult
 from metalearn.algorithms.functional import Params
 from metalearn.algorithms.metric import MetricLearner, class_members, probe_features
-from metalearn.checks import one_of
+from metalearn.checks import one_of, positive_float
 from metalearn.objectives import Objective
 from metalearn.tasks import PairBatch, TaskBatch, TaskSampler
 
@@ -88,9 +88,7 @@ class Siamese(MetricLearner):
                  pairs: bool = True) -> None:
         super().__init__(model, objective)
         self.loss = one_of("loss", loss, LOSSES)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < math.inf:
-            raise ValueError(f"margin={margin!r}: must be a finite number > 0")
-        self.margin = float(margin)
+        self.margin = positive_float("margin", margin)
         self.pairs = bool(pairs)
         self.train_batches = "pairs" if self.pairs else "episodes"
         self.register_parameter("alpha", None)
