@@ -43,6 +43,14 @@ class ConfigError(ValueError):
     """A configuration value cannot be used; the message names the key and the value."""
 
 
+class OutputSizeError(ConfigError):
+    """The model's output size does not match what the dataset's tasks need."""
+
+    def __init__(self, message: str, outputs: int, needed: int) -> None:
+        super().__init__(message)
+        self.outputs, self.needed = outputs, needed
+
+
 @functools.cache
 def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
     """Hydra's run directory: the checkpoint's run when continuing one, else a new timestamped one.
@@ -125,8 +133,9 @@ def _check_model_fits(model: torch.nn.Module, tasks: Any, predicts_targets: bool
     finally:
         model.train()
     if predicts_targets and out.shape[-1] != tasks.output_size:
-        raise ConfigError(f"model: outputs {out.shape[-1]} values per example but the dataset needs "
-                          f"{tasks.output_size} (set model.out_features={tasks.output_size})")
+        raise OutputSizeError(f"model: outputs {out.shape[-1]} values per example but the dataset needs "
+                              f"{tasks.output_size} (set model.out_features={tasks.output_size})",
+                              out.shape[-1], tasks.output_size)
 
 
 def build_algorithm(node: DictConfig, model: torch.nn.Module, tasks: Any) -> tuple[MetaAlgorithm, Any]:
@@ -147,6 +156,15 @@ def build_algorithm(node: DictConfig, model: torch.nn.Module, tasks: Any) -> tup
     return algorithm, tasks
 
 
+def build_learner(cfg: DictConfig) -> tuple[Any, MetaAlgorithm]:
+    """The task distribution and the (untrained) algorithm on its model, from a run's config."""
+    torch.manual_seed(cfg.seed)  # model initialisation; task sampling has its own generator
+    tasks = _make(cfg.dataset, "dataset")
+    model = _make(cfg.model, "model")
+    algorithm, tasks = build_algorithm(cfg.algorithm, model, tasks)
+    return tasks, algorithm
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build dataset, model, algorithm, optimizer, schedule, logger and trainer from `cfg`; train; test."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -158,10 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None and not ckpt_path.is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
 
-    torch.manual_seed(cfg.seed)  # model initialisation; task sampling has its own generator
-    tasks = _make(cfg.dataset, "dataset")
-    model = _make(cfg.model, "model")
-    algorithm, tasks = build_algorithm(cfg.algorithm, model, tasks)
+    tasks, algorithm = build_learner(cfg)
     optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
     scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
     trainer = _make(

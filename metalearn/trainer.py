@@ -37,6 +37,19 @@ class NonFiniteLossError(RuntimeError):
     """The meta-loss or meta-gradient became NaN or infinite."""
 
 
+def evaluate_tasks(algorithm: MetaAlgorithm, tasks: TaskSampler, split: Split, n_tasks: int, seed: int,
+                   batch_size: int, device: torch.device) -> TaskScores:
+    """Per-task scores of `algorithm` on the fixed task set (`split`, `n_tasks`, `seed`), in eval mode."""
+    was_training = algorithm.training
+    algorithm.eval()
+    try:
+        parts = [algorithm.evaluate(batch.to(device))
+                 for batch in fixed_batches(tasks, split, n_tasks, seed, batch_size)]
+    finally:
+        algorithm.train(was_training)
+    return TaskScores.cat(parts)
+
+
 class Trainer:
     """Meta-trains an algorithm on a task distribution and evaluates it on fixed task sets.
 
@@ -126,12 +139,8 @@ class Trainer:
     def evaluate(self, split: Split) -> dict[str, float]:
         """Scores on the fixed task set of `split`: mean and 95% CI over tasks, before/after adaptation."""
         n_tasks, seed = self.eval_sets[split]
-        was_training = self.algorithm.training
-        self.algorithm.eval()
-        parts = [self.algorithm.evaluate(batch.to(self.device))
-                 for batch in fixed_batches(self.tasks, split, n_tasks, seed, self.eval_batch_size)]
-        self.algorithm.train(was_training)
-        return eval_metrics(TaskScores.cat(parts), split, self.tasks.objective.metric)
+        scores = evaluate_tasks(self.algorithm, self.tasks, split, n_tasks, seed, self.eval_batch_size, self.device)
+        return eval_metrics(scores, split, self.tasks.objective.metric)
 
     def _improved(self, value: float) -> bool:
         if math.isnan(self.best_metric):
