@@ -7,15 +7,20 @@ typed constructor arguments.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,6 +31,7 @@ from metalearn.metrics import query_metric
 from metalearn.tasks import TrainingBatches
 from metalearn.trainer import NonFiniteLossError
 
+log = logging.getLogger(__name__)
 
 def _config_dir() -> str:
     """`conf/` ships inside the wheel as `metalearn/conf`; in a source checkout it sits beside the package."""
@@ -199,16 +205,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+class JobFailed(RuntimeError):
+    """A job of a multirun failed; its error is in the job's log and `failed.json`."""
+
+
+def _job_failed(cfg: DictConfig, ex: BaseException) -> JobFailed:
+    """Record a multirun job's error in its directory (`failed.json`, the job's log) and say so on stderr;
+    the returned exception marks the job failed for the sweeper while the other jobs go on."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    message = str(ex).splitlines()[0] if str(ex) else ""
+    record = {"error": type(ex).__name__, "message": message, "overrides": list(HydraConfig.get().overrides.task),
+              "traceback": "".join(traceback.format_exception(ex))}
+    (output_dir / "failed.json").write_text(json.dumps(record, indent=2) + "\n")
+    expected = isinstance(ex, (ConfigError, CheckpointError, NonFiniteLossError))  # no traceback for bad input
+    log.error("job failed: %s: %s", type(ex).__name__, message, exc_info=None if expected else ex)
+    text = f"job {HydraConfig.get().job.num} ({output_dir}) failed: {type(ex).__name__}: {message}"
+    print(f"error: {text}", file=sys.stderr)
+    return JobFailed(text)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         results = train(cfg)
     except (ConfigError, CheckpointError, NonFiniteLossError) as ex:
+        if multirun:
+            raise _job_failed(cfg, ex) from ex
         print(f"error: {ex}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as ex:
         print(f"interrupted: {ex}", file=sys.stderr)
         sys.exit(130)
+    except Exception as ex:
+        if multirun:  # any error ends this job only; a single run shows the traceback
+            raise _job_failed(cfg, ex) from ex
+        raise
     # Sweepers (e.g. Optuna) optimise the returned value: the best validation metric.
     return float(results["val"][results["metric"]])
 
@@ -231,6 +264,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's printer
     try:
         _hydra_main()
+    except JobFailed as ex:  # the sweep ran every job it could; report the (first) failure
+        print(f"error: sweep finished with failed jobs; {ex}", file=sys.stderr)
+        sys.exit(1)
     except (HydraException, OmegaConfBaseException) as ex:
         if keep_traceback:
             raise

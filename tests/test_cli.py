@@ -81,6 +81,23 @@ def test_multirun_gives_one_directory_per_job(tmp_path: Path) -> None:
         assert load_checkpoint(sweep / job / "checkpoints" / "last.pt")["config"]["algorithm"]["inner_lr"] == lr
 
 
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "model.hidden_sizes=[8],[-3],[8,8]", multirun=True)
+    sweep = only_run_dir(tmp_path / "outputs" / "multiruns" / "maml_sinusoid")
+    for job in ("0", "2"):  # the jobs after the failed one ran too
+        assert (sweep / job / "results.json").is_file(), job
+    failed = json.loads((sweep / "1" / "failed.json").read_text())
+    assert failed["error"] == "ConfigError"
+    assert failed["message"] == "model.hidden_sizes[0]=-3: must be a positive integer"
+    assert "model.hidden_sizes=[-3]" in failed["overrides"]
+    assert not (sweep / "1" / "results.json").exists()
+    assert "job failed: ConfigError: model.hidden_sizes[0]=-3" in (sweep / "1" / "train.log").read_text()
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: sweep finished with failed jobs; job 1 ({sweep / '1'}) failed: "
+        "ConfigError: model.hidden_sizes[0]=-3: must be a positive integer")
+
+
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     """A run killed with SIGTERM saves last.pt and exits non-zero; `trainer.resume=true` continues it
     in place to the same final parameters as a run that was never interrupted."""
