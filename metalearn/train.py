@@ -215,12 +215,14 @@ def _job_failed(cfg: DictConfig, ex: BaseException) -> JobFailed:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     message = str(ex).splitlines()[0] if str(ex) else ""
-    record = {"error": type(ex).__name__, "message": message, "overrides": list(HydraConfig.get().overrides.task),
+    hydra_cfg = HydraConfig.get()
+    record = {"error": type(ex).__name__, "message": message, "experiment": hydra_cfg.runtime.choices.get("experiment"),
+              "overrides": list(hydra_cfg.overrides.task),
               "traceback": "".join(traceback.format_exception(ex))}
     (output_dir / "failed.json").write_text(json.dumps(record, indent=2) + "\n")
     expected = isinstance(ex, (ConfigError, CheckpointError, NonFiniteLossError))  # no traceback for bad input
     log.error("job failed: %s: %s", type(ex).__name__, message, exc_info=None if expected else ex)
-    text = f"job {HydraConfig.get().job.num} ({output_dir}) failed: {type(ex).__name__}: {message}"
+    text = f"job {hydra_cfg.job.num} ({output_dir}) failed: {type(ex).__name__}: {message}"
     print(f"error: {text}", file=sys.stderr)
     return JobFailed(text)
 
