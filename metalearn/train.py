@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metalearn.algorithms.base import MetaAlgorithm
@@ -171,6 +171,20 @@ def build_learner(cfg: DictConfig) -> tuple[Any, MetaAlgorithm]:
     return tasks, algorithm
 
 
+def _check_sweep_direction(metric: str, higher_is_better: bool) -> None:
+    """In an optimising sweep (Optuna), the configured direction must be the validation metric's."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    direction = getattr(HydraConfig.get().sweeper, "direction", None)  # only optimising sweepers have one
+    if direction is None or isinstance(direction, (list, ListConfig)):  # no optimiser, or several objectives
+        return
+    wanted = "maximize" if higher_is_better else "minimize"
+    if str(getattr(direction, "name", direction)).lower() != wanted:
+        raise ConfigError(f"hydra.sweeper.direction={getattr(direction, 'name', direction)}: the sweep optimises "
+                          f"val/{metric}, which is better {'higher' if higher_is_better else 'lower'} "
+                          f"(set hydra.sweeper.direction={wanted})")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build dataset, model, algorithm, optimizer, schedule, logger and trainer from `cfg`; train; test."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -183,6 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
 
     tasks, algorithm = build_learner(cfg)
+    _check_sweep_direction(query_metric(tasks.objective.metric), tasks.objective.higher_is_better)
     optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
     scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
     trainer = _make(
