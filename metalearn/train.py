@@ -1,7 +1,7 @@
 """The `metalearn` command: compose the configured objects in order, train, test, report.
 
-This is the only module that knows about Hydra and OmegaConf; everything it builds takes plain,
-typed constructor arguments.
+With the other two commands (`evaluate.py`, `report.py`) it is the only code that knows about Hydra
+and OmegaConf; everything it builds takes plain, typed constructor arguments.
 """
 
 from __future__ import annotations
