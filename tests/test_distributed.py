@@ -1,0 +1,92 @@
+"""Data-parallel meta-gradients: 2 CPU processes over Gloo against one process on the same meta-batch."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metalearn.algorithms.maml import MAML
+from metalearn.data.sinusoid import SinusoidTasks
+from metalearn.distributed import average_gradients, mean_of, shard
+from metalearn.models.conv import Conv4
+from metalearn.models.mlp import MLP
+from metalearn.objectives import Classification
+from metalearn.tasks import TaskBatch
+
+META_BATCH = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build(kind: str) -> tuple[MAML, TaskBatch]:
+    """The same algorithm and meta-batch in every process (seeded alike)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    if kind == "sinusoid":
+        tasks = SinusoidTasks()
+        return MAML(MLP(1, 1, hidden_sizes=[16, 16]), tasks.objective, inner_lr=0.05, inner_steps=2), \
+            tasks.sample(META_BATCH, "train", generator)
+    # Conv-4 with BatchNorm running statistics: buffers must be averaged too.
+    model = Conv4(1, 3, 12, hidden=4, norm="batch_running", downsample="stride")
+    x = torch.randn(META_BATCH, 3, 1, 12, 12, generator=generator)
+    y = torch.arange(3).repeat(META_BATCH, 1)
+    q = torch.randn(META_BATCH, 6, 1, 12, 12, generator=generator)
+    return MAML(model, Classification(), inner_lr=0.1), TaskBatch(x, y, q, torch.arange(3).repeat(META_BATCH, 2))
+
+
+def meta_step(algorithm: MAML, batch: TaskBatch) -> dict[str, float]:
+    algorithm.zero_grad(set_to_none=True)
+    result = algorithm.meta_train_step(batch)
+    return {"meta_loss": result.meta_loss}
+
+
+def worker(rank: int, port: int, kind: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    algorithm, batch = build(kind)
+    scalars = meta_step(algorithm, shard(batch, rank, 2))
+    average_gradients(algorithm)
+    scalars = mean_of(scalars)
+    if rank == 0:
+        torch.save({"grads": {n: p.grad for n, p in algorithm.named_parameters()},
+                    "buffers": dict(algorithm.named_buffers()), "scalars": scalars}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["sinusoid", "conv_batchnorm"])
+def test_two_processes_give_the_single_process_meta_gradient(tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(free_port(), kind, str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+
+    algorithm, batch = build(kind)
+    expected = meta_step(algorithm, batch)
+    for name, p in algorithm.named_parameters():
+        torch.testing.assert_close(distributed["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert distributed["scalars"]["meta_loss"] == pytest.approx(expected["meta_loss"], rel=1e-5)
+    if kind == "conv_batchnorm":  # running statistics: the average of the shares' updates
+        single_shares = []
+        for part in range(2):
+            alg, b = build(kind)
+            meta_step(alg, shard(b, part, 2))
+            single_shares.append(dict(alg.named_buffers()))
+        for name, value in distributed["buffers"].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, (single_shares[0][name] + single_shares[1][name]) / 2, msg=name)
+
+
+def test_shard_needs_equal_shares() -> None:
+    _, batch = build("sinusoid")
+    assert [len(shard(batch, i, 4)) for i in range(4)] == [2, 2, 2, 2]
+    torch.testing.assert_close(shard(batch, 1, 2).query_x, batch.query_x[4:])
+    with pytest.raises(ValueError, match=r"meta_batch_size=8: must be divisible by the number of processes \(3\)"):
+        shard(batch, 0, 3)
