@@ -51,8 +51,8 @@ def shard(batch: B, part: int, parts: int) -> B:
     if size % parts:
         raise ValueError(f"meta_batch_size={size}: must be divisible by the number of processes ({parts})")
     step = size // parts
-    return replace(batch, **{f.name: getattr(batch, f.name)[part * step:(part + 1) * step]  # type: ignore[arg-type]
-                             for f in fields(batch)})
+    return replace(batch, **{f.name: getattr(batch, f.name)[part * step:(part + 1) * step]
+                             for f in fields(batch)})  # type: ignore[type-var]
 
 
 def average_(tensors: list[torch.Tensor]) -> None:
