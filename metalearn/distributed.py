@@ -33,14 +33,33 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_process_group(device: torch.device) -> None:
-    """Join the job `torchrun` started (no-op for a single process or when already joined)."""
+def init_process_group() -> None:
+    """Join the job `torchrun` started (no-op for a single process or when already joined): Gloo for
+    CPU tensors and, where there are GPUs, NCCL for CUDA tensors, each process on its local GPU."""
     if env_world_size() <= 1 or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+
+
+def agree(value: str) -> str:
+    """Rank 0's `value` on every process (e.g. the run directory, which embeds a timestamp)."""
+    if env_world_size() <= 1:
+        return value
+    init_process_group()
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (e.g. a stop signal reached one of them)."""
+    if world_size() == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def shard(batch: B, part: int, parts: int) -> B:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metalearn import distributed
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
 from metalearn.metrics import query_metric
@@ -77,7 +79,7 @@ def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
     while candidate.exists():  # two runs started in the same second
         n += 1
         candidate = root / f"{stamp}_{n}"
-    return str(candidate)
+    return distributed.agree(str(candidate))  # the processes of a torchrun job share rank 0's directory
 
 
 OmegaConf.register_new_resolver("metalearn.run_dir", _run_dir, replace=True)
@@ -205,6 +207,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=_build(cfg.logger, "logger"), output_dir=output_dir, seed=cfg.seed, ckpt_path=ckpt_path,
         run_config=container,
     )
+    if distributed.rank() != 0:  # the log is rank 0's
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         results = trainer.fit()
     except NonFiniteLossError as ex:
@@ -212,6 +216,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         settings = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in ("algorithm.inner_lr", "optimizer.lr")
                              if OmegaConf.select(cfg, key) is not None)
         raise NonFiniteLossError(f"{ex} (now {settings})" if settings else str(ex)) from ex
+    if not results:  # a process other than rank 0 of a distributed run
+        return results
     name = query_metric(tasks.objective.metric)
     test, n = results["test"], int(results["test"]["tasks"])
     print(f"Run directory: {output_dir.resolve()}")
@@ -260,7 +266,7 @@ def _hydra_main(cfg: DictConfig) -> float:
             raise _job_failed(cfg, ex) from ex
         raise
     # Sweepers (e.g. Optuna) optimise the returned value: the best validation metric.
-    return float(results["val"][results["metric"]])
+    return float(results["val"][results["metric"]]) if results else math.nan
 
 
 def _one_line(ex: BaseException) -> str:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from metalearn import distributed
 from metalearn.algorithms.base import MetaAlgorithm, TaskScores
 from metalearn.checkpoint import config_changes, load_checkpoint, save_checkpoint
 from metalearn.checks import positive_int
@@ -90,6 +91,11 @@ class Trainer:
                      "test_tasks", "eval_batch_size"):
             positive_int(name, locals()[name])
         self.device = resolve_device(device)
+        distributed.init_process_group()  # under torchrun: the meta-batch is split across the processes
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if meta_batch_size % self.world:
+            raise ValueError(f"meta_batch_size={meta_batch_size}: must be divisible by the number of processes "
+                             f"({self.world})")
         self.algorithm = algorithm.to(self.device)
         self.tasks, self.optimizer, self.scheduler, self.make_logger = tasks, optimizer, scheduler, logger
         self.output_dir, self.ckpt_dir = output_dir, output_dir / "checkpoints"
@@ -129,10 +135,11 @@ class Trainer:
         self.elapsed = state["elapsed"]
 
     def save(self, name: str) -> Path:
-        """Write the current state to `checkpoints/<name>` atomically."""
+        """Write the current state to `checkpoints/<name>` atomically (rank 0 only: all ranks are alike)."""
         self.elapsed = time.perf_counter() - self._t0
         path = self.ckpt_dir / name
-        save_checkpoint(self.state(), path)
+        if self.rank == 0:
+            save_checkpoint(self.state(), path)
         return path
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -149,24 +156,32 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------------
     def _train_step(self) -> tuple[dict[str, float], float]:
-        batch = self.tasks.sample(self.meta_batch_size, "train", self.generator).to(self.device)
+        batch = self.tasks.sample(self.meta_batch_size, "train", self.generator)
+        if self.world > 1:  # every rank drew the same meta-batch; each takes its share
+            batch = distributed.shard(batch, self.rank, self.world)
+        batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.algorithm.set_progress(self.step, self.max_steps)
         self.algorithm.measure_pre_adaptation = (self.step + 1) % self.log_every == 0  # only logged steps
         result = self.algorithm.meta_train_step(batch)
+        scalars = step_metrics(result, self.tasks.objective.metric)
+        if self.world > 1:
+            distributed.average_gradients(self.algorithm)
+            scalars = distributed.mean_of(scalars)
+        meta_loss = scalars[tag("train", "meta_loss")]
         params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()
-        if not (math.isfinite(result.meta_loss) and math.isfinite(norm)):
+        if not (math.isfinite(meta_loss) and math.isfinite(norm)):
             last = self.ckpt_dir / "last.pt"
             kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint written yet"
             raise NonFiniteLossError(
-                f"step {self.step + 1}: meta-loss {result.meta_loss} and meta-gradient norm {norm} are not both "
+                f"step {self.step + 1}: meta-loss {meta_loss} and meta-gradient norm {norm} are not both "
                 f"finite; stopped before updating the weights ({kept}). "
                 "Lower optimizer.lr or algorithm.inner_lr, or set trainer.grad_clip.")
         self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()
-        return step_metrics(result, self.tasks.objective.metric), norm
+        return scalars, norm
 
     def _restore(self) -> None:
         """Load `ckpt_path`, or `last.pt` of this run when resuming, if there is one."""
@@ -196,6 +211,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `max_steps` (continuing a checkpoint if asked), then test the best checkpoint."""
         self._restore()
+        if self.rank != 0:  # one process logs, validates, checkpoints and tests: rank 0
+            return self._follow()
         logger = self.make_logger(purge_step=self.step + 1 if self.step else None)
         if self.step == 0:
             logger.start_hparams(self.config, [tag("val", f"best_{self.metric}"), tag("test", self.metric)])
@@ -203,10 +220,12 @@ class Trainer:
                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
         running, tick, tick_step = math.nan, time.perf_counter(), self.step
         self._t0 = time.perf_counter() - self.elapsed
+        stop = False
         with stop_on_signal() as signals, logging_redirect_tqdm():
-            while self.step < self.max_steps and not signals:
+            while self.step < self.max_steps and not stop:
                 scalars, norm = self._train_step()
                 self.step += 1
+                stop = distributed.any_rank(bool(signals))  # every process stops after the same step
                 bar.update(1)
                 loss = scalars[tag("train", "meta_loss")]
                 running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss  # smoothed for the bar
@@ -218,16 +237,29 @@ class Trainer:
                     bar.set_postfix(meta_loss=f"{running:.4f}")
                 if self.step % self.eval_every == 0 or self.step == self.max_steps:
                     self._validate(logger)
-                if self.step % self.checkpoint_every == 0 or self.step == self.max_steps or signals:
+                if self.step % self.checkpoint_every == 0 or self.step == self.max_steps or stop:
                     self.save("last.pt")
         bar.close()
-        if signals:
+        if stop:
             logger.close()
-            raise KeyboardInterrupt(f"stopped by signal {signals[0]} at step {self.step}; "
+            cause = f"by signal {signals[0]}" if signals else "with the other processes"
+            raise KeyboardInterrupt(f"stopped {cause} at step {self.step}; "
                                     f"resume with trainer.resume=true (checkpoint {self.ckpt_dir / 'last.pt'})")
         if not (self.ckpt_dir / "best.pt").is_file():  # resumed at or past max_steps before any evaluation
             self._validate(logger)
         return self._finish(logger)
+
+    def _follow(self) -> dict[str, Any]:
+        """A process other than rank 0: the same training steps, in step with rank 0; no outputs."""
+        stop = False
+        with stop_on_signal() as signals:
+            while self.step < self.max_steps and not stop:
+                self._train_step()
+                self.step += 1
+                stop = distributed.any_rank(bool(signals))
+        if stop:
+            raise KeyboardInterrupt(f"stopped at step {self.step} with the other processes")
+        return {}
 
     def _finish(self, logger: TensorBoardLogger) -> dict[str, Any]:
         """Test the best checkpoint, draw what was learned, and write `results.json`."""

@@ -90,3 +90,40 @@ def test_shard_needs_equal_shares() -> None:
     torch.testing.assert_close(shard(batch, 1, 2).query_x, batch.query_x[4:])
     with pytest.raises(ValueError, match=r"meta_batch_size=8: must be divisible by the number of processes \(3\)"):
         shard(batch, 0, 3)
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path: Path, cache_dir: Path) -> None:
+    """`torchrun --nproc_per_node=2 metalearn ...`: one run directory written by rank 0, and after training
+    the same weights (up to summation order) as one process on the whole meta-batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from metalearn.checkpoint import load_checkpoint
+    from tests.conftest import DATA_DIR, TINY
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DATA_DIR": str(DATA_DIR),
+           "METALEARN_CACHE_DIR": str(cache_dir), "HYDRA_FULL_ERROR": ""}
+    metalearn = str(Path(sys.executable).with_name("metalearn"))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    settings = [*TINY, "trainer.meta_batch_size=4"]
+    runs = {}
+    for name, command in (("one", [metalearn, *settings]),
+                          ("two", [torchrun, "--standalone", "--nproc_per_node=2", metalearn, *settings])):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (run,) = (cwd / "outputs" / "runs" / "maml_sinusoid").iterdir()
+        assert (run / "results.json").is_file()
+        assert proc.stdout.count("Run directory:") == 1  # rank 0 reports; rank 1 is silent
+        runs[name] = run
+    one = load_checkpoint(runs["one"] / "checkpoints" / "last.pt")["algorithm"]
+    two = load_checkpoint(runs["two"] / "checkpoints" / "last.pt")["algorithm"]
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    log = (runs["two"] / "train.log").read_text()
+    assert log.count("step 4: val/query_mse") == 1  # logged once, by rank 0
+    results = json.loads((runs["two"] / "results.json").read_text())
+    assert results["step"] == 4
