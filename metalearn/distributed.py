@@ -102,6 +102,5 @@ def mean_of(values: dict[str, float]) -> dict[str, Any]:
         return values
     keys = sorted(values)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    tensor /= world_size()
+    average_([tensor])
     return dict(zip(keys, tensor.tolist(), strict=True))

@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from metalearn.checkpoint import CheckpointError, load_checkpoint, run_dir_of
+from metalearn.checkpoint import CheckpointError, load_checkpoint, run_dir_of, unused_path
 from metalearn.checks import one_of, positive_int
 from metalearn.metrics import eval_metrics, query_metric
 from metalearn.runtime import resolve_device
@@ -171,19 +171,10 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         "per_episode": {metric: scores.score.tolist(), f"{metric}_pre": scores.score_pre.tolist(),
                         "query_loss": scores.loss.tolist(), "query_loss_pre": scores.loss_pre.tolist()},
     }
-    out = _unused(run_dir_of(path) / f"eval_{split}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json")
+    out = unused_path(run_dir_of(path) / f"eval_{split}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     results["file"] = str(out)
     return results
-
-
-def _unused(path: Path) -> Path:
-    """`path`, or `path` with `_1`, `_2`, ... before the suffix if it exists (two evaluations a second)."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
 
 
 def main(argv: list[str] | None = None) -> None:

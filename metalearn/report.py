@@ -102,8 +102,7 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such directory")
         # A job that failed before writing its config still left failed.json.
-        markers = [p for name in ("config.yaml", "failed.json") for p in root.rglob(name)]
-        markers += [root / name for name in ("config.yaml", "failed.json") if (root / name).is_file()]
+        markers = [p for name in ("config.yaml", "failed.json") for p in root.rglob(name)]  # root's own too
         for run_dir in sorted({p.parent for p in markers if p.parent.name != ".hydra"}):
             if run_dir.resolve() in runs:
                 continue
@@ -182,14 +181,11 @@ def _fmt(value: float, metric: str) -> str:
 
 def summarise(row: Row) -> dict[str, str]:
     """The printable cells of a row."""
-    cells = {"experiment": row.experiment, "evaluation": row.evaluation, "metric": row.metric,
-             "seeds": str(len(row.values))}
+    cells = {"experiment": row.experiment, "evaluation": row.evaluation, "seeds": str(len(row.values))}
     if row.values:
         factor, unit, digits = _scale(row.metric)
         mean = statistics.fmean(row.values)
         spread = statistics.stdev(row.values) if len(row.values) > 1 else math.nan
-        cells["mean"] = f"{mean * factor:.{digits}f}"
-        cells["std across seeds"] = "" if math.isnan(spread) else f"{spread * factor:.{digits}f}"
         cells["result"] = (f"{_fmt(mean, row.metric)}" + (f" ± {spread * factor:.{digits}f}{unit} (std, "
                            f"{len(row.values)} seeds)" if len(row.values) > 1 else
                            f" ± {row.cis[0] * factor:.{digits}f}{unit} (95% CI)"))

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalearn import distributed
 from metalearn.algorithms.base import MetaAlgorithm
-from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
+from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of, unused_path
 from metalearn.metrics import query_metric
 from metalearn.tasks import TrainingBatches
 from metalearn.trainer import NonFiniteLossError
@@ -75,11 +75,7 @@ def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
         runs = sorted(d for d in root.iterdir() if (d / "checkpoints" / "last.pt").is_file())
         if runs:
             return str(runs[-1])
-    candidate, n = root / stamp, 0
-    while candidate.exists():  # two runs started in the same second
-        n += 1
-        candidate = root / f"{stamp}_{n}"
-    return distributed.agree(str(candidate))  # the processes of a torchrun job share rank 0's directory
+    return distributed.agree(str(unused_path(root / stamp)))  # the processes of a torchrun job share rank 0's directory
 
 
 OmegaConf.register_new_resolver("metalearn.run_dir", _run_dir, replace=True)
