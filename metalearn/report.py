@@ -11,14 +11,32 @@ each run's own 95% confidence interval, and the paper figure when the experiment
 (`paper.value`, `paper.source`). Evaluations written by `metalearn-eval` (`eval_*.json`) are rows of
 their own. Curves of the training meta-loss and the validation metric are read back from the
 TensorBoard event files and drawn with matplotlib, one line per configuration, seeds as a band.
+
+Results pages: `--page docs/results.md` rewrites the tables between marker comments of a Markdown page
+from the runs, leaving the prose around them alone, so that every figure in the tables comes from a
+run's files:
+
+    <!-- metalearn-report: maml_sinusoid_paper fomaml_* -->            test results, one row per run setting
+    <!-- metalearn-report validation: maml_omniglot_5w1s_quick -->     validation metric at each validation
+    <!-- /metalearn-report -->                                          (ends either block)
+
+The words after the colon are experiment names (shell patterns, rows in their order). `--check` only
+says whether the page is up to date. `--archive DIR` copies the runs' small files (config, overrides,
+results, evaluations, event files, pictures, logs; not checkpoints) to DIR/<experiment>/<run>, so a
+page can be rebuilt from a repository. A `time.log` in a run directory (the output of
+`/usr/bin/time -v metalearn ...`) adds the command's wall time and peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
+import functools
 import json
 import math
+import re
+import shutil
 import statistics
 import sys
 from collections import defaultdict
@@ -32,6 +50,12 @@ from omegaconf import OmegaConf
 # Overrides that name where or how a run ran, not what it computed; never report columns.
 NOT_SETTINGS = ("seed", "experiment", "ckpt_path", "trainer.progress", "trainer.resume", "trainer.device", "paths.",
                 "hydra.", "logger.")
+# Overrides left out of the command a results page shows: they change nothing a reader would repeat.
+QUIET_OVERRIDES = ("trainer.progress",)
+LOSS_TAIL = 10  # logged training losses averaged for a results page (one step's loss is noisy)
+# What --archive copies from a run directory (everything small a report or a reader needs).
+ARCHIVED = ("config.yaml", ".hydra/overrides.yaml", "results.json", "failed.json", "eval_*.json",
+            "events.out.tfevents.*", "*.png", "train.log", "time.log")
 
 
 @dataclass
@@ -57,6 +81,25 @@ class Run:
     @property
     def status(self) -> str:
         return "ok" if self.results else "failed" if self.failure else "incomplete"
+
+    @property
+    def command(self) -> str:
+        """The command line that made the run, without the overrides that only say where or how it ran."""
+        kept = [f"{k}={v}" for k, v in self.overrides.items() if k not in QUIET_OVERRIDES]
+        return " ".join(["metalearn", *kept])
+
+    def timing(self) -> dict[str, float]:
+        """Wall time (s) and peak resident memory (MiB) of the whole command, from `time.log` if there is one."""
+        try:
+            text = (self.path / "time.log").read_text()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        if wall := re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text):
+            out["wall_s"] = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.group(1).split(":"))))
+        if rss := re.search(r"Maximum resident set size \(kbytes\): (\d+)", text):
+            out["peak_mib"] = int(rss.group(1)) / 1024
+        return out
 
 
 @dataclass
@@ -136,15 +179,34 @@ def _evaluation_label(result: dict[str, Any]) -> str:
     return f"{label}, {' '.join(result['overrides'])}" if result.get("overrides") else label
 
 
+@functools.cache
+def shipped_paper(experiment: str) -> dict[str, Any] | None:
+    """The `paper:` figure of metalearn's own `experiment=<experiment>` config, for runs whose saved config
+    has none (made before the experiment named one); None if there is no such experiment."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from metalearn.train import CONFIG_DIR
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            config = compose(config_name="train", overrides=[f"experiment={experiment}"])
+    except HydraException:
+        return None
+    paper = OmegaConf.to_container(config.get("paper")) if config.get("paper") is not None else None
+    return {str(k): v for k, v in paper.items()} if isinstance(paper, dict) else None
+
+
 def build_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[Row]:
     """Group runs into rows: per experiment and varied settings, the run's own test and each metalearn-eval setting."""
     rows: dict[tuple[str, tuple[str, ...], str], Row] = {}
 
-    def row(run: Run, evaluation: str) -> Row:
+    def row(run: Run, evaluation: str, own_setting: bool = True) -> Row:
         settings = tuple(run.overrides.get(k, "—") for k in keys)
         key = (run.experiment, settings, evaluation)
-        if key not in rows:
-            rows[key] = Row(run.experiment, settings, evaluation, paper=run.config.get("paper") or None)
+        if key not in rows:  # the paper's figure is for the experiment's own test setting
+            paper = (run.config.get("paper") or shipped_paper(run.experiment)) if own_setting else None
+            rows[key] = Row(run.experiment, settings, evaluation, paper=paper)
         return rows[key]
 
     for run in runs:
@@ -161,7 +223,7 @@ def build_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[Row]:
         target.values.append(float(run.results["test"][metric]))
         target.cis.append(float(run.results["test"][f"{metric}_ci95"]))
         for result in run.evals:
-            extra = row(run, _evaluation_label(result))
+            extra = row(run, _evaluation_label(result), own_setting=not result.get("overrides"))
             extra.runs.append(run)
             extra.metric = result["metric"]
             extra.values.append(float(result["mean"]))
@@ -240,6 +302,134 @@ def markdown(rows: Sequence[Row], keys: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _steps(step: int) -> str:
+    return f"{step:,}"
+
+
+def _row_label(row: Row, keys: Sequence[str]) -> str:
+    label = " ".join([row.experiment, *(f"{k}={v}" for k, v in zip(keys, row.settings, strict=True) if v != "—")])
+    if len(row.runs) > 1:
+        label += f" (seeds {', '.join(str(r.seed) for r in row.runs)})"
+    return label if row.evaluation.startswith("test (end") else f"{label}; {row.evaluation}"
+
+
+def _eval_command(result: dict[str, Any]) -> str:
+    parts = ["metalearn-eval ckpt_path=<run>"]
+    parts += [f"eval.split={result['split']}"] if result.get("split") != "test" else []
+    parts += [f"eval.episodes={result['episodes']}"] if result.get("episodes") != 600 else []
+    return " ".join(parts + list(result.get("overrides") or []))
+
+
+def page_table(rows: Sequence[Row], keys: Sequence[str]) -> str:
+    """Test results for a results page: one line per row, with the command that made it, its budget, the
+    metric before adaptation, training time (results.json) and the whole command's time and memory (time.log)."""
+    header = ["run", "command", "meta-steps", "test result", "before adaptation", "training time",
+              "whole command, peak memory", "paper figure"]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in rows:
+        cells = summarise(row)
+        finished = [r for r in row.runs if r.results is not None]
+        first = row.runs[0]
+        if row.evaluation.startswith("test (end"):
+            command = first.command if len(row.runs) == 1 else " ".join(
+                part for part in first.command.split() if not part.startswith("seed="))
+            pre = [float(r.results["test"][f"{row.metric}_pre"]) for r in finished if r.results
+                   and f"{row.metric}_pre" in r.results["test"]]
+        else:
+            evals = [e for r in row.runs for e in r.evals if _evaluation_label(e) == row.evaluation]
+            command = _eval_command(evals[0])
+            pre = [float(e["summary"][f"{row.metric}_pre"]) for e in evals if f"{row.metric}_pre" in e["summary"]]
+        results = [r.results for r in finished if r.results]
+        steps = sorted({int(r["step"]) for r in results})
+        best = sorted({int(r.get("best_step", r["step"])) for r in results})
+        budget = "/".join(map(_steps, steps)) + (f" (best {'/'.join(map(_steps, best))})" if best != steps else "")
+        timings = [r.timing() for r in finished]
+        whole = "; ".join(f"{_duration(t['wall_s'])}, {t['peak_mib']:,.0f} MiB" for t in timings if t) or "—"
+        train_time = "; ".join(_duration(float(r["wall_time_s"])) for r in results if "wall_time_s" in r) or "—"
+        result = f"**{cells['result']}**" if "result" in cells else cells["status"]
+        before = _fmt(statistics.fmean(pre), row.metric) if pre else "—"
+        if not row.evaluation.startswith("test (end"):
+            budget, train_time, whole = "—", "—", "—"  # an evaluation of a run listed on its own line
+        line = [_row_label(row, keys), f"`{command}`", budget or "—", result, before, train_time, whole,
+                cells.get("paper", "—")]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _series(steps: Sequence[int], values: Sequence[float], metric: str) -> str:
+    factor, _, digits = _scale(metric)
+    shown = [f"{v * factor:.{max(digits - 1, 1)}f}" for v in values]
+    gaps = {b - a for a, b in zip(steps, steps[1:], strict=False)}
+    if len(steps) > 2 and len(gaps) == 1:
+        return f"steps {_steps(steps[0])} … {_steps(steps[-1])}, every {_steps(gaps.pop())}: {', '.join(shown)}"
+    return ", ".join(f"{v} ({_steps(s)})" for s, v in zip(steps, shown, strict=True))
+
+
+def validation_table(rows: Sequence[Row], keys: Sequence[str]) -> str:
+    """The validation metric of each run at every validation, read from its event files."""
+    lines = ["| run | validation (mean over the validation tasks) | best checkpoint | training meta-loss at the end |",
+             "| --- | --- | --- | --- |"]
+    for row in rows:
+        if not row.evaluation.startswith("test (end"):
+            continue
+        for run in (r for r in row.runs if r.results is not None):
+            assert run.results is not None
+            steps, values = read_curve(run.path, f"val/{row.metric}")
+            seed = f" (seed {run.seed})" if len(row.runs) > 1 else ""
+            label = _row_label(Row(row.experiment, row.settings, row.evaluation, runs=[run]), keys) + seed
+            series = f"{row.metric}, " + _series(steps, values, row.metric) if steps else "—"
+            best = _steps(int(run.results.get("best_step", run.results["step"])))
+            _, losses = read_curve(run.path, "train/meta_loss")
+            tail = losses[-LOSS_TAIL:]
+            loss = f"{statistics.fmean(tail):.4g} (mean of the last {len(tail)} logged)" if tail else "—"
+            lines.append(f"| {label} | {series} | step {best} | {loss} |")
+    return "\n".join(lines) + "\n"
+
+
+PAGE_BLOCK = re.compile(r"(<!-- metalearn-report( validation)?: ([^>]*?) -->\n)(.*?)(<!-- /metalearn-report -->)",
+                        re.DOTALL)
+
+
+def update_page(text: str, rows: Sequence[Row], keys: Sequence[str], name: str = "page") -> str:
+    """`text` with the table of every `metalearn-report` block rebuilt from `rows` (see the module doc)."""
+
+    def fill(match: re.Match[str]) -> str:
+        patterns = match.group(3).split()
+        chosen: list[Row] = []
+        for pattern in patterns:
+            chosen += sorted((r for r in rows if fnmatch.fnmatchcase(r.experiment, pattern) and r not in chosen),
+                             key=lambda r: (r.experiment, not r.evaluation.startswith("test (end"),
+                                            [v != "—" for v in r.settings], r.settings, r.evaluation))
+        if not chosen:
+            raise ValueError(f"{name}: the block '{match.group(1).strip()}' matches no run")
+        table_text = validation_table(chosen, keys) if match.group(2) else page_table(chosen, keys)
+        return match.group(1) + table_text + match.group(5)
+
+    return PAGE_BLOCK.sub(fill, text)
+
+
+def archive(runs: Sequence[Run], dest: Path) -> list[Path]:
+    """Copy the small files of `runs` (ARCHIVED; no checkpoints) to dest/<experiment>/<run>; the new directories."""
+    written = []
+    for run in runs:
+        name = f"{run.path.parent.name}_{run.path.name}" if run.path.name.isdigit() else run.path.name
+        target = dest / run.experiment / name
+        if target.resolve() == run.path.resolve():
+            continue
+        for pattern in ARCHIVED:
+            for source in run.path.glob(pattern):
+                (target / source.relative_to(run.path)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target / source.relative_to(run.path))
+        written.append(target)
+    return written
+
+
 def read_curve(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     """A scalar series from the run's TensorBoard event files (all of them: a resumed run has several)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -290,7 +480,9 @@ def plot_curves(rows: Sequence[Row], keys: Sequence[str], out: Path) -> list[Pat
                 ax.set_ylabel(tag)
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
-                path = out / f"curves_{tag.replace('/', '_')}.png"
+                several = len({r.metric for r in groups}) > 1  # runs of several metrics: a meta-loss plot each
+                name = tag.replace("/", "_") + (f"_{metric}" if several and tag.startswith("train/") else "")
+                path = out / f"curves_{name}.png"
                 fig.tight_layout()
                 fig.savefig(path, dpi=100)
                 written.append(path)
@@ -319,17 +511,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="where report.md, report.csv and the curves go (default: <first path>/report)")
     parser.add_argument("--no-curves", action="store_true", help="skip reading event files and drawing curves")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="a Markdown page whose metalearn-report blocks are rebuilt from the runs")
+    parser.add_argument("--check", action="store_true",
+                        help="with --page: write nothing, exit 1 if the page's tables differ from the runs")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="copy the runs' small files (not checkpoints) to ARCHIVE/<experiment>/<run> and stop")
     args = parser.parse_args(argv)
-    out = args.out or args.paths[0] / "report"
     try:
+        if args.archive is not None:
+            copied = archive(find_runs(args.paths), args.archive)
+            print("\n".join(map(str, copied)) + f"\n{len(copied)} runs archived to {args.archive}")
+            return
+        if args.page is not None and args.check:
+            runs = find_runs(args.paths)
+            keys = varied_keys(runs)
+            text = args.page.read_text()
+            if update_page(text, build_rows(runs, keys), keys, str(args.page)) != text:
+                print(f"error: {args.page} is out of date: run metalearn-report {' '.join(map(str, args.paths))} "
+                      f"--page {args.page}", file=sys.stderr)
+                sys.exit(1)
+            print(f"{args.page} is up to date ({len(runs)} runs)")
+            return
+        out = args.out or args.paths[0] / "report"
         result = report(args.paths, out, curves=not args.no_curves)
-    except FileNotFoundError as ex:
+        if args.page is not None:
+            args.page.write_text(update_page(args.page.read_text(), result["rows"], result["keys"], str(args.page)))
+    except (FileNotFoundError, ValueError) as ex:
         print(f"error: {ex}", file=sys.stderr)
         sys.exit(2)
     print(result["markdown"], end="")
     failed = sum(r.status == "failed" for r in result["runs"])
     print(f"\n{len(result['runs'])} runs ({failed} failed) -> {out / 'report.md'}, {out / 'report.csv'}"
-          + "".join(f", {p}" for p in result["pictures"]))
+          + "".join(f", {p}" for p in result["pictures"]) + (f", {args.page}" if args.page else ""))
 
 
 if __name__ == "__main__":

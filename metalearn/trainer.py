@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,12 +220,9 @@ class Trainer:
                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
         running, tick, tick_step = math.nan, time.perf_counter(), self.step
         self._t0 = time.perf_counter() - self.elapsed
-        stop = False
+        stop = False  # stays False if there is no step left to take
         with stop_on_signal() as signals, logging_redirect_tqdm():
-            while self.step < self.max_steps and not stop:
-                scalars, norm = self._train_step()
-                self.step += 1
-                stop = distributed.any_rank(bool(signals))  # every process stops after the same step
+            for scalars, norm, stop in self._steps(signals):
                 bar.update(1)
                 loss = scalars[tag("train", "meta_loss")]
                 running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss  # smoothed for the bar
@@ -249,14 +246,21 @@ class Trainer:
             self._validate(logger)
         return self._finish(logger)
 
+    def _steps(self, signals: list[int]) -> Iterator[tuple[dict[str, float], float, bool]]:
+        """Train up to `max_steps`, yielding each step's scalars, gradient norm and whether to stop now: a
+        signal to any process stops every process after the same step (checked with all of them)."""
+        while self.step < self.max_steps:
+            scalars, norm = self._train_step()
+            self.step += 1
+            stop = distributed.any_rank(bool(signals))
+            yield scalars, norm, stop
+            if stop:
+                return
+
     def _follow(self) -> dict[str, Any]:
         """A process other than rank 0: the same training steps, in step with rank 0; no outputs."""
-        stop = False
         with stop_on_signal() as signals:
-            while self.step < self.max_steps and not stop:
-                self._train_step()
-                self.step += 1
-                stop = distributed.any_rank(bool(signals))
+            stop = any(stop for *_, stop in self._steps(signals))
         if stop:
             raise KeyboardInterrupt(f"stopped at step {self.step} with the other processes")
         return {}

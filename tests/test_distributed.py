@@ -127,3 +127,58 @@ def test_torchrun_two_processes_train_like_one(tmp_path: Path, cache_dir: Path) 
     assert log.count("step 4: val/query_mse") == 1  # logged once, by rank 0
     results = json.loads((runs["two"] / "results.json").read_text())
     assert results["step"] == 4
+
+
+def test_torchrun_stopped_by_a_signal_resumes_exactly(tmp_path: Path, cache_dir: Path) -> None:
+    """SIGTERM to torchrun: the processes agree to stop after the same step, rank 0 saves last.pt and the
+    run exits non-zero; `torchrun ... trainer.resume=true` continues it in place to the weights of a
+    2-process run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from metalearn.checkpoint import load_checkpoint
+    from tests.conftest import DATA_DIR, TINY
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DATA_DIR": str(DATA_DIR),
+           "METALEARN_CACHE_DIR": str(cache_dir), "HYDRA_FULL_ERROR": ""}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+                str(Path(sys.executable).with_name("metalearn"))]
+    settings = [*TINY, "trainer.meta_batch_size=4", "trainer.max_steps=1500", "trainer.checkpoint_every=20",
+                "trainer.eval_every=500"]
+
+    def finished(cwd: Path, *extra: str) -> Path:
+        proc = subprocess.run([*torchrun, *settings, *extra], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (run,) = (cwd / "outputs" / "runs" / "maml_sinusoid").iterdir()
+        return run
+
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    reference = load_checkpoint(finished(straight) / "checkpoints" / "last.pt")
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    proc = subprocess.Popen([*torchrun, *settings], cwd=cut, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(cut.glob("outputs/runs/maml_sinusoid/*/checkpoints/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0, stderr[-2000:]
+    (run,) = (cut / "outputs" / "runs" / "maml_sinusoid").iterdir()
+    stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 0 < stopped_at < 1500, "the run finished before the signal arrived; nothing was tested"
+
+    assert finished(cut, "trainer.resume=true") == run  # continued in place
+    final = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert final["step"] == 1500
+    for name, tensor in reference["algorithm"].items():
+        assert torch.equal(tensor, final["algorithm"][name]), name
+    for state, expected in zip(final["optimizer"]["state"].values(), reference["optimizer"]["state"].values(),
+                               strict=True):
+        assert torch.equal(state["exp_avg_sq"], expected["exp_avg_sq"])  # Adam's moments resumed too

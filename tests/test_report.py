@@ -98,3 +98,98 @@ def test_command_line(sweep: Path, tmp_path: Path) -> None:
     empty.mkdir()
     proc = subprocess.run([METALEARN_REPORT, str(empty)], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 2 and proc.stderr == f"error: {empty}: no runs found (no config.yaml below)\n"
+
+
+PAGE = """# Results
+
+Prose stays as it is.
+
+<!-- metalearn-report: maml_sin* -->
+stale table
+<!-- /metalearn-report -->
+
+<!-- metalearn-report validation: maml_sinusoid -->
+<!-- /metalearn-report -->
+"""
+
+TIME_LOG = """\tCommand being timed: "metalearn model.hidden_sizes=[8] seed=0"
+\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03.50
+\tMaximum resident set size (kbytes): 524288
+"""
+
+
+def test_results_page_from_an_archive(sweep: Path, tmp_path: Path) -> None:
+    archived = tmp_path / "runs"
+    proc = subprocess.run([METALEARN_REPORT, str(sweep), "--archive", str(archived)], capture_output=True, text=True,
+                          env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    copies = sorted((archived / "maml_sinusoid").iterdir())
+    assert len(copies) == 4 and proc.stdout.endswith(f"4 runs archived to {archived}\n")
+    ok = [c for c in copies if (c / "results.json").is_file()]
+    assert len(ok) == 2 and not list(archived.rglob("*.pt"))  # no checkpoints
+    for copy in ok:
+        assert (copy / ".hydra" / "overrides.yaml").is_file() and list(copy.glob("events.out.tfevents.*"))
+    # The archive reports exactly what the runs report.
+    assert report([archived], tmp_path / "a", curves=False)["markdown"] == report([sweep], tmp_path / "b",
+                                                                                 curves=False)["markdown"]
+    seed0 = next(c for c in ok if "seed: 0" in (c / "config.yaml").read_text())
+    (seed0 / "time.log").write_text(TIME_LOG)
+
+    page = tmp_path / "results.md"
+    page.write_text(PAGE)
+    check = [METALEARN_REPORT, str(archived), "--page", str(page), "--check"]
+    stale = subprocess.run(check, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert stale.returncode == 1 and f"error: {page} is out of date" in stale.stderr
+    proc = subprocess.run([METALEARN_REPORT, str(archived), "--page", str(page), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert subprocess.run(check, capture_output=True, text=True, env=cli_env(), timeout=300).returncode == 0
+
+    text = page.read_text()
+    assert text.startswith("# Results\n\nProse stays as it is.\n\n<!-- metalearn-report: maml_sin* -->\n| run |")
+    assert "stale table" not in text
+    lines = text.splitlines()
+    good = next(line for line in lines if line.startswith("| maml_sinusoid model.hidden_sizes=[8] (seeds"))
+    results = [json.loads((c / "results.json").read_text()) for c in ok]
+    values = [r["test"]["query_mse"] for r in results]
+    pre = statistics.fmean(r["test"]["query_mse_pre"] for r in results)
+    cells = [c.strip() for c in good.split("|")[1:-1]]
+    given = [o.removeprefix("- ") for o in (seed0 / ".hydra" / "overrides.yaml").read_text().splitlines()]
+    assert "model.hidden_sizes=[8]" in given and "seed=0" in given
+    # Seeds pooled: the command without its seed; trainer.progress says nothing about the result.
+    assert cells[1] == "`" + " ".join(["metalearn", *(o for o in given if not o.startswith(("seed=",
+                                                                                           "trainer.progress=")))]) + "`"
+    assert cells[2] == "4"  # meta-steps
+    assert cells[3] == f"**{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (std, 2 seeds)**"
+    assert cells[4] == f"{pre:.4f}"
+    assert cells[6] == "1 h 2 min, 512 MiB"  # from time.log: 1:02:03.5 and 524,288 kB
+    assert cells[7] == "0.7700 ± 0.1100 (Li et al., 2017)"
+    evaluated = next(line for line in lines if "; test, 4 episodes, dataset.k_shot=20 |" in line.split("`")[0] + " |"
+                     or "dataset.k_shot=20`" in line)
+    assert "`metalearn-eval ckpt_path=<run> eval.episodes=4 dataset.k_shot=20`" in evaluated
+    failed = next(line for line in lines if line.startswith("| maml_sinusoid model.hidden_sizes=[-3]"))
+    assert "2 failed (ConfigError: model.hidden_sizes[0]=-3" in failed
+
+    validation = [line for line in lines[lines.index("<!-- metalearn-report validation: maml_sinusoid -->"):]
+                  if line.startswith("| maml_sinusoid")]
+    assert len(validation) == 2  # one line per finished run
+    steps, curve = read_curve(seed0, "val/query_mse")
+    assert f"query_mse, {curve[0]:.3f} (2), {curve[1]:.3f} (4)" in next(v for v in validation if "(seed 0)" in v)
+
+    page.write_text("<!-- metalearn-report: protonet_* -->\n<!-- /metalearn-report -->\n")
+    proc = subprocess.run(check, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {page}: the block '<!-- metalearn-report: protonet_* -->' matches no run\n"
+
+
+def test_results_page_is_up_to_date() -> None:
+    """docs/results.md is what metalearn-report makes of the runs archived in docs/results/runs."""
+    from metalearn.report import build_rows, find_runs, update_page, varied_keys
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    runs = find_runs([docs / "results" / "runs"])
+    keys = varied_keys(runs)
+    text = (docs / "results.md").read_text()
+    assert text.count("<!-- metalearn-report") >= 5
+    assert update_page(text, build_rows(runs, keys), keys) == text, (
+        "docs/results.md is out of date: metalearn-report docs/results/runs --out docs/results --page docs/results.md")
