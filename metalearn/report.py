@@ -8,7 +8,7 @@ incomplete. Runs are
 grouped by experiment and by the command-line overrides that vary between runs (from Hydra's
 `.hydra/overrides.yaml`), seeds pooled: each row gives the mean ± standard deviation across seeds,
 each run's own 95% confidence interval, and the paper figure when the experiment config names one
-(`paper.value`, `paper.source`). Evaluations written by `metalearn-eval` (`eval_*.json`) are rows of
+(`paper.value`, `paper.source`; from metalearn's own experiment config for runs made before it did). Evaluations written by `metalearn-eval` (`eval_*.json`) are rows of
 their own. Curves of the training meta-loss and the validation metric are read back from the
 TensorBoard event files and drawn with matplotlib, one line per configuration, seeds as a band.
 

@@ -37,14 +37,15 @@ from metalearn.report import read_curve
 
 EXPERIMENT = "maml_omniglot_5w1s_quick"
 BIN = Path(sys.executable).parent
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the repository
 
 
-def run(variant: str, nproc: int, steps: int, log_every: int, workdir: Path) -> float:
+def run(variant: str, nproc: int, steps: int, log_every: int, workdir: Path, data_dir: Path) -> float:
     """Train `steps` meta-steps with one variant in a fresh directory; median logged meta-steps/s."""
     cwd = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=workdir))
     settings = [f"experiment={EXPERIMENT}", f"trainer.max_steps={steps}", f"trainer.log_every={log_every}",
                 f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}", "trainer.val_tasks=16",
-                "trainer.test_tasks=16", "trainer.progress=false", "trainer.device=cpu"]
+                "trainer.test_tasks=16", "trainer.progress=false", "trainer.device=cpu", f"paths.data_dir={data_dir}"]
     threads = {"threads": nproc, "processes": 1, "one thread": 1}[variant]
     command = [str(BIN / "metalearn"), *settings]
     if variant == "processes":
@@ -66,12 +67,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="meta-steps per run")
     parser.add_argument("--log-every", type=int, default=20, help="meta-steps per logged speed window")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("METALEARN_DATA_DIR", DATA_DIR)),
+                        help="the folder holding omniglot/ (default: METALEARN_DATA_DIR or ../shared/data)")
     args = parser.parse_args()
     speeds: dict[str, list[float]] = {"threads": [], "processes": [], "one thread": []}
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         for round_ in range(args.rounds):
             for variant in speeds:
-                speeds[variant].append(run(variant, args.nproc, args.steps, args.log_every, Path(tmp)))
+                speeds[variant].append(run(variant, args.nproc, args.steps, args.log_every, Path(tmp),
+                                               args.data_dir.resolve()))
                 print(f"round {round_ + 1}: {variant:10s} {speeds[variant][-1]:.3f} meta-steps/s", flush=True)
     median = {k: statistics.median(v) for k, v in speeds.items()}
     n = args.nproc
