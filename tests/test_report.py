@@ -157,8 +157,8 @@ def test_results_page_from_an_archive(sweep: Path, tmp_path: Path) -> None:
     given = [o.removeprefix("- ") for o in (seed0 / ".hydra" / "overrides.yaml").read_text().splitlines()]
     assert "model.hidden_sizes=[8]" in given and "seed=0" in given
     # Seeds pooled: the command without its seed; trainer.progress says nothing about the result.
-    assert cells[1] == "`" + " ".join(["metalearn", *(o for o in given if not o.startswith(("seed=",
-                                                                                           "trainer.progress=")))]) + "`"
+    shown = [o for o in given if not o.startswith(("seed=", "trainer.progress="))]
+    assert cells[1] == "`" + " ".join(["metalearn", *shown]) + "`"
     assert cells[2] == "4"  # meta-steps
     assert cells[3] == f"**{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (std, 2 seeds)**"
     assert cells[4] == f"{pre:.4f}"
