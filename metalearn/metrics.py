@@ -48,8 +48,9 @@ def eval_metrics(scores: TaskScores, split: str, metric: str) -> dict[str, float
     """Evaluation scalars over a fixed task set: means with 95% CIs, before and after adaptation."""
     name = query_metric(metric)
     out: dict[str, float] = {}
+    extra = tuple((query_metric(key), values) for key, values in scores.extra.items())
     for key, values in ((name, scores.score), (f"{name}_pre", scores.score_pre),
-                        ("query_loss", scores.loss), ("query_loss_pre", scores.loss_pre)):
+                        ("query_loss", scores.loss), ("query_loss_pre", scores.loss_pre), *extra):
         mean, ci = mean_ci95(values)
         out[tag(split, key)] = mean
         out[tag(split, f"{key}_ci95")] = ci

@@ -133,15 +133,16 @@ def stack_tasks(tasks: Sequence[Task]) -> TaskBatch:
 def fixed_batches(
     sampler: TaskSampler, split: Split, n_tasks: int, seed: int, batch_size: int
 ) -> Iterator[TaskBatch]:
-    """The fixed task set of `fixed_tasks`, in batches of at most `batch_size` tasks."""
-    chunk: list[Task] = []
-    for task in fixed_tasks(sampler, split, n_tasks, seed):
-        chunk.append(task)
-        if len(chunk) == batch_size:
-            yield stack_tasks(chunk)
+    """The fixed task set of `fixed_tasks` (task `i` drawn from its own seed), in batches of at most
+    `batch_size` tasks, of whatever batch type the sampler draws (it must have `cat`)."""
+    generator = torch.Generator()
+    chunk: list[TaskBatch] = []
+    for i in range(n_tasks):
+        generator.manual_seed(seed * 1_000_003 + i)
+        chunk.append(sampler.sample(1, split, generator))
+        if len(chunk) == batch_size or i == n_tasks - 1:
+            yield type(chunk[0]).cat(chunk)
             chunk = []
-    if chunk:
-        yield stack_tasks(chunk)
 
 
 class TrainingBatches:

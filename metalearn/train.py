@@ -22,7 +22,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -126,6 +126,12 @@ def check_learning_rates(node: Any, path: str = "") -> None:
 def _check_model_fits(model: torch.nn.Module, tasks: Any, predicts_targets: bool = True) -> None:
     """Fail early, naming the key, if the model cannot take the task family's inputs or (for algorithms
     whose model predicts the targets, not an embedding) its output size does not match."""
+    if callable(getattr(tasks, "check_model", None)):  # a family that is not episodes of examples (environments)
+        try:
+            tasks.check_model(model, predicts_targets)
+        except ValueError as ex:
+            raise ConfigError(f"model: {ex}") from ex
+        return
     probe = tasks.sample(1, "val", torch.Generator().manual_seed(0))  # an episode whatever training draws
     model.eval()
     try:
@@ -146,6 +152,15 @@ def build_algorithm(node: DictConfig, model: torch.nn.Module, tasks: Any) -> tup
     """The algorithm of config `node` on `model`, set up for the task distribution, and the
     distribution as its training loop must see it (pairs or labelled minibatches for algorithms that
     train on those, see `TrainingBatches`); the model is checked against the data."""
+    kind = get_class(node._target_)  # before construction: a constructor may reject the objective first
+    reinforcement, environments = getattr(kind, "reinforcement", False), hasattr(tasks, "env")
+    if environments and not reinforcement:
+        raise ConfigError(f"algorithm: {kind.__name__} learns from examples, but the dataset is a "
+                          f"distribution of environments ({type(tasks.env).__name__}): use algorithm=maml_rl or rl2")
+    if reinforcement and not environments:
+        raise ConfigError(f"algorithm: {kind.__name__} trains policies on environments; the dataset "
+                          f"({type(tasks).__name__}) is not one: use dataset=navigation2d, bandit, "
+                          "halfcheetah_vel or halfcheetah_dir")
     algorithm = _make(node, "algorithm", model=model, objective=tasks.objective)
     if algorithm.train_batches != "episodes":
         try:

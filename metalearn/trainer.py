@@ -28,7 +28,7 @@ from metalearn.metrics import (
     tag,
 )
 from metalearn.runtime import resolve_device, stop_on_signal
-from metalearn.tasks import Illustrated, Split, TaskSampler, fixed_batches
+from metalearn.tasks import Split, TaskSampler, fixed_batches
 
 log = logging.getLogger(__name__)
 LoggerFactory = Callable[..., TensorBoardLogger]
@@ -96,7 +96,11 @@ class Trainer:
         if meta_batch_size % self.world:
             raise ValueError(f"meta_batch_size={meta_batch_size}: must be divisible by the number of processes "
                              f"({self.world})")
+        if algorithm.steps_itself and self.world > 1:
+            raise ValueError(f"{type(algorithm).__name__} updates its meta-parameters itself; it cannot be split "
+                             "across processes")
         self.algorithm = algorithm.to(self.device)
+        self.algorithm.bind_optimizer(optimizer)
         self.tasks, self.optimizer, self.scheduler, self.make_logger = tasks, optimizer, scheduler, logger
         self.output_dir, self.ckpt_dir = output_dir, output_dir / "checkpoints"
         self.max_steps, self.meta_batch_size, self.grad_clip = max_steps, meta_batch_size, grad_clip
@@ -169,8 +173,11 @@ class Trainer:
             distributed.average_gradients(self.algorithm)
             scalars = distributed.mean_of(scalars)
         meta_loss = scalars[tag("train", "meta_loss")]
-        params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()
+        if self.algorithm.steps_itself:  # already updated (a TRPO step, several optimizer steps)
+            norm = self.algorithm.update_norm
+        else:
+            params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()
         if not (math.isfinite(meta_loss) and math.isfinite(norm)):
             last = self.ckpt_dir / "last.pt"
             kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint written yet"
@@ -178,7 +185,8 @@ class Trainer:
                 f"step {self.step + 1}: meta-loss {meta_loss} and meta-gradient norm {norm} are not both "
                 f"finite; stopped before updating the weights ({kept}). "
                 "Lower optimizer.lr or algorithm.inner_lr, or set trainer.grad_clip.")
-        self.optimizer.step()
+        if not self.algorithm.steps_itself:
+            self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()
         return scalars, norm
@@ -271,10 +279,9 @@ class Trainer:
         self.algorithm.load_state_dict(best["algorithm"])
         val, test = self.evaluate("val"), self.evaluate("test")
         logger.log_scalars({tag("val", f"best_{self.metric}"): val[tag("val", self.metric)], **test}, self.step)
-        if isinstance(self.tasks, Illustrated):
-            self.algorithm.eval()
-            generator = torch.Generator().manual_seed(self.eval_sets["test"][1])
-            figure = self.tasks.illustrate(self.algorithm.predict, generator)
+        self.algorithm.eval()
+        figure = self.algorithm.illustrate(self.tasks, torch.Generator().manual_seed(self.eval_sets["test"][1]))
+        if figure is not None:
             figure.savefig(self.output_dir / "adaptation.png", dpi=100)
             logger.log_figure(tag("test", "adaptation"), figure, self.step)
         logger.end_hparams()

@@ -36,7 +36,8 @@ def test_experiment_runs(experiment: str, compose_cfg: Composer) -> None:
 # The model each dataset option is paired with; every dataset option must appear here.
 MODEL_FOR = {
     "sinusoid": "mlp", "omniglot": "conv4", "miniimagenet": "conv4", "cifarfs": "resnet12", "fc100": "conv4",
-    "image_folder": "resnet12",
+    "image_folder": "resnet12", "navigation2d": "policy_mlp", "bandit": "policy_mlp", "halfcheetah_vel": "policy_mlp",
+    "halfcheetah_dir": "policy_mlp",
 }
 
 
@@ -49,18 +50,25 @@ def test_every_dataset_has_a_model() -> None:
 def test_algorithm_dataset_step(algorithm: str, dataset: str, compose_cfg: Composer) -> None:
     """Each algorithm option on each dataset option: instantiate, one meta-step fills finite gradients.
     An algorithm may refuse a regression dataset (metric-based ones classify), but only up front, in
-    its constructor, with an error that says it needs a classification dataset."""
+    its constructor, with an error that says it needs a classification dataset. Reinforcement-learning
+    algorithms and environment datasets pair only with each other, refusing the rest up front."""
     cfg = compose_cfg(f"algorithm={algorithm}", f"dataset={dataset}", f"model={MODEL_FOR[dataset]}")
     tasks = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     try:
         algorithm_obj, tasks = build_algorithm(cfg.algorithm, model, tasks)
     except ValueError as ex:
+        if "distribution of environments" in str(ex) or "trains policies on environments" in str(ex):
+            assert hasattr(tasks, "env") != algorithm.endswith(("_rl", "rl2"))
+            return
         if not isinstance(tasks.objective, Regression) or "needs a classification dataset" not in str(ex):
             raise
         return
     assert isinstance(algorithm_obj, MetaAlgorithm)
     result = algorithm_obj.meta_train_step(tasks.sample(2, "train", torch.Generator().manual_seed(0)))
+    if algorithm_obj.steps_itself:  # a TRPO step: the parameters moved, no gradients left behind
+        assert math.isfinite(algorithm_obj.update_norm) and math.isfinite(result.meta_loss)
+        return
     grads = [p.grad for p in algorithm_obj.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     # >= 0, not > 0: an untrained 640-d ResNet-12 embedding separates the generated classes so far that

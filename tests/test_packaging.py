@@ -23,6 +23,7 @@ def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path: Path) -> None:
         archive.extractall(site)
     conf = {p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert {f"metalearn/conf/{name}" for name in conf} <= names
+    assert {"metalearn/rl/envs.py", "metalearn/rl/mujoco.py", "metalearn/algorithms/maml_rl.py"} <= names
 
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params, buffers_of, forward_with
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
-from metalearn.tasks import Task, TaskBatch, TaskSampler
+from metalearn.tasks import Illustrated, Task, TaskBatch, TaskSampler
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,22 @@ class StepResult:
 
 @dataclass(frozen=True)
 class TaskScores:
-    """Per-task evaluation results, each a tensor with one value per task."""
+    """Per-task evaluation results, each a tensor with one value per task; `extra` holds further
+    per-task metrics an algorithm reports (e.g. the return after each adaptation step)."""
 
     loss: Tensor
     loss_pre: Tensor
     score: Tensor
     score_pre: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @staticmethod
     def cat(parts: list[TaskScores]) -> TaskScores:
         """Concatenate the per-task values of several evaluations."""
         names = ("loss", "loss_pre", "score", "score_pre")
-        return TaskScores(*(torch.cat([getattr(p, name) for p in parts]) for name in names))
+        extra = {key: torch.cat([p.extra[key] for p in parts]) for key in parts[0].extra}
+        loss, loss_pre, score, score_pre = (torch.cat([getattr(p, name) for p in parts]) for name in names)
+        return TaskScores(loss, loss_pre, score, score_pre, extra)
 
 
 class MetaAlgorithm(nn.Module, ABC):
@@ -66,6 +71,13 @@ class MetaAlgorithm(nn.Module, ABC):
     # "labeled" (a LabeledBatch of all training classes); see `metalearn.tasks.TrainingBatches`.
     # Evaluation is always on episodes.
     train_batches: str = "episodes"
+    # True for algorithms that update their meta-parameters themselves inside `meta_train_step` (a TRPO
+    # step, several optimizer steps): the trainer then takes no optimizer step of its own and logs
+    # `update_norm` (the length of the update) as the gradient norm.
+    steps_itself: bool = False
+    # True for reinforcement-learning algorithms: they train on environment task families (metalearn.rl).
+    reinforcement: ClassVar[bool] = False
+    update_norm: float = 0.0
 
     def __init__(self, model: nn.Module, objective: Objective) -> None:
         super().__init__()
@@ -81,6 +93,17 @@ class MetaAlgorithm(nn.Module, ABC):
         with the task distribution. Algorithms whose meta-parameters depend on the data (the input
         shape of a relation module, the number of classes of a pre-training head) create them here.
         No-op by default."""
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the trainer with its meta-optimizer, for algorithms that step it themselves
+        (`steps_itself`). No-op by default."""
+
+    def illustrate(self, tasks: TaskSampler, generator: torch.Generator) -> Figure | None:
+        """A picture of what was learned on a few tasks drawn from `generator`, or None. By default the
+        task family's own (`Illustrated`), from the predictions before and after adaptation."""
+        if isinstance(tasks, Illustrated):
+            return tasks.illustrate(self.predict, generator)
+        return None
 
     def set_progress(self, step: int, max_steps: int) -> None:
         """Called by the trainer before each meta-training step with the 0-based index of that step.

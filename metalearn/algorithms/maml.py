@@ -226,4 +226,5 @@ class MAML(MetaAlgorithm):
     def evaluate(self, batch: TaskBatch) -> TaskScores:
         with torch.no_grad():
             outcome = self._batch_outcome(batch, steps=self.eval_inner_steps, create_graph=False)
-        return TaskScores(*(value.detach() for value in outcome))
+        loss, loss_pre, score, score_pre = (value.detach() for value in outcome)
+        return TaskScores(loss, loss_pre, score, score_pre)
