@@ -180,6 +180,14 @@ def linear_baseline_advantages(trajectories: Trajectories, gamma: float, lam: fl
     return ((a - mean) / (std + 1e-8) * m).view(steps, n)
 
 
+def normalize(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(values − mean) / std over the valid steps; zero where masked."""
+    count = mask.sum().clamp_min(1.0)
+    mean = (values * mask).sum() / count
+    std = ((((values - mean) * mask) ** 2).sum() / count).sqrt()
+    return (values - mean) / (std + eps) * mask
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of `values` over the valid steps."""
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
@@ -202,4 +210,5 @@ def gaussian_kl(mean_p: Tensor, log_std_p: Tensor, mean_q: Tensor, log_std_q: Te
 def categorical_sample(logits: Tensor, uniforms: Tensor) -> Tensor:
     """Actions drawn from softmax(`logits`) by inverting the CDF at pre-drawn `uniforms` [N]."""
     cdf = logits.softmax(-1).cumsum(-1)
-    return torch.searchsorted(cdf, uniforms.unsqueeze(-1).to(cdf.dtype)).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+    positions = uniforms.unsqueeze(-1).to(cdf.dtype).contiguous()
+    return torch.searchsorted(cdf.contiguous(), positions).squeeze(-1).clamp_max(logits.shape[-1] - 1)

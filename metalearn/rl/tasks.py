@@ -63,12 +63,14 @@ class EnvTasks:
 
     objective = Return()
 
-    def __init__(self, env: BatchEnv, observation_size: int | None = None, action_size: int | None = None) -> None:
+    def __init__(self, env: BatchEnv, observation_size: int | None = None, action_size: int | None = None,
+                 discrete: bool | None = None) -> None:
         if not isinstance(env, BatchEnv):
             raise TypeError(f"env={type(env).__name__}: not an environment family (metalearn.rl.envs.BatchEnv)")
         # The sizes a config declares for the policy network to follow; they must be the environment's.
         for name, declared, actual in (("observation_size", observation_size, env.observation_size),
-                                       ("action_size", action_size, env.action_size)):
+                                       ("action_size", action_size, env.action_size),
+                                       ("discrete", discrete, env.discrete)):
             if declared is not None and declared != actual:
                 raise ValueError(f"{name}={declared}: the environment ({type(env).__name__}) has {actual}")
         self.env = env
