@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -38,7 +39,7 @@ from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params, buffers_of
 from metalearn.checks import positive_int
 from metalearn.objectives import Objective
-from metalearn.rl.envs import BatchEnv
+from metalearn.rl.envs import BatchEnv, Navigation2D
 from metalearn.rl.rollout import (
     Trajectories,
     categorical_sample,
@@ -313,3 +314,35 @@ class MAMLRL(MetaAlgorithm):
         per_step = [*returns, final]
         extra = {f"return_step{k}": r for k, r in enumerate(per_step)}
         return TaskScores(loss=-final, loss_pre=-per_step[0], score=final, score_pre=per_step[0], extra=extra)
+
+    # -- pictures -------------------------------------------------------------------------------------
+    def illustrate(self, tasks: TaskSampler, generator: torch.Generator) -> Figure | None:
+        """2D navigation: for a few test goals, one episode of the policy before adaptation and after each
+        policy-gradient step."""
+        if not isinstance(self._env(), Navigation2D):
+            return None
+        batch = tasks.sample(4, "test", generator)
+        assert isinstance(batch, EnvTaskBatch)
+        steps = self.eval_inner_steps
+        adapted, shared, data, _ = self._adapt_all(batch, steps, purpose=1000)
+        final = self.sample(batch, adapted, shared, purpose=1000 + steps)
+        rounds = [(d.observations, d.mask) for d in data]
+        post = self.task_data(final, torch.zeros_like(final.rewards))
+        rounds.append((post.observations, post.mask))
+        figure = Figure(figsize=(12, 3.4))
+        axes = figure.subplots(1, len(batch))
+        for i, ax in enumerate(axes):
+            for k, (observations, mask) in enumerate(rounds):
+                valid = mask[i, :, 0] > 0
+                path = observations[i, valid, 0, :2]
+                label = "before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}"
+                ax.plot(path[:, 0].numpy(), path[:, 1].numpy(), label=label, alpha=0.8)
+            goal = batch.params[i]
+            ax.plot([goal[0].item()], [goal[1].item()], "r*", markersize=12)
+            ax.set_xlim(-0.6, 0.6)
+            ax.set_ylim(-0.6, 0.6)
+            ax.set_aspect("equal")
+        axes[0].legend(fontsize=7)
+        figure.suptitle("MAML-RL on 2D navigation: one episode per policy (★ goal)")
+        figure.tight_layout()
+        return figure
