@@ -136,7 +136,7 @@ class RL2(MetaAlgorithm):
 
         params = batch.params.repeat_interleave(trials, 0)
         state = model.initial_state(n)
-        action = torch.zeros(n, dtype=torch.long) if env.discrete else torch.zeros(n, env.action_size)
+        action = torch.full((n,), env.action_size) if env.discrete else torch.zeros(n, env.action_size)  # none yet
         reward, done = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
         inputs, actions, rewards, alives, episodes = [], [], [], [], []
         for episode in range(k):

@@ -49,9 +49,10 @@ class RecurrentPolicy(nn.Module):
         return torch.zeros(n, self.hidden, device=self.policy.weight.device)
 
     def encode(self, observation: Tensor, action: Tensor, reward: Tensor, done: Tensor) -> Tensor:
-        """The step's input: observation, previous action, previous reward, previous done flag."""
-        if self.discrete:
-            previous = F.one_hot(action.long(), self.action_size).to(observation.dtype)
+        """The step's input: observation, previous action (discrete: one-hot; index `action_size` for
+        none, at the start of a trial), previous reward, previous done flag."""
+        if self.discrete:  # action index `action_size` means none yet (the trial's first step): all zeros
+            previous = F.one_hot(action.long(), self.action_size + 1)[..., :-1].to(observation.dtype)
         else:
             previous = action.to(observation.dtype)
         return torch.cat([observation, previous, reward.unsqueeze(-1), done.unsqueeze(-1).to(observation.dtype)], -1)
@@ -77,6 +78,6 @@ class RecurrentPolicy(nn.Module):
     def forward(self, observation: Tensor) -> Tensor:
         """The first step of a trial from `observation` (no previous action): policy outputs."""
         n = observation.shape[0]
-        inputs = self.encode(observation, torch.zeros(n, dtype=torch.long) if self.discrete
+        inputs = self.encode(observation, torch.full((n,), self.action_size) if self.discrete
                              else torch.zeros(n, self.action_size), torch.zeros(n), torch.zeros(n))
         return self.step(inputs, self.initial_state(n))[0]
