@@ -18,7 +18,8 @@ run's files:
 
     <!-- metalearn-report: maml_sinusoid_paper fomaml_* -->            test results, one row per run setting
     <!-- metalearn-report validation: maml_omniglot_5w1s_quick -->     validation metric at each validation
-    <!-- /metalearn-report -->                                          (ends either block)
+    <!-- metalearn-report metrics 0=query_return_step0 1=...: maml_rl_* --> chosen test metrics as columns
+    <!-- /metalearn-report -->                                          (ends a block)
 
 The words after the colon are experiment names (shell patterns, rows in their order). `--check` only
 says whether the page is up to date. `--archive DIR` copies the runs' small files (config, overrides,
@@ -232,8 +233,10 @@ def build_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[Row]:
 
 
 def _scale(metric: str) -> tuple[float, str, int]:
-    """Accuracies are shown in percent; other metrics as they are."""
-    return (100.0, "%", 2) if metric.endswith("acc") else (1.0, "", 4)
+    """Accuracies are shown in percent; returns and regrets with two decimals; other metrics as they are."""
+    if metric.endswith("acc"):
+        return 100.0, "%", 2
+    return (1.0, "", 2) if "return" in metric or "regret" in metric else (1.0, "", 4)
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -392,7 +395,37 @@ def validation_table(rows: Sequence[Row], keys: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGE_BLOCK = re.compile(r"(<!-- metalearn-report( validation)?: ([^>]*?) -->\n)(.*?)(<!-- /metalearn-report -->)",
+def metrics_table(rows: Sequence[Row], keys: Sequence[str], columns: Sequence[str]) -> str:
+    """Chosen test metrics of each configuration, one column each: `label=name|other` takes the first of
+    the names the run's results.json has (different methods name the same quantity differently)."""
+    labels = [c.partition("=")[0] for c in columns]
+    lines = ["| " + " | ".join(["run", "command", *labels, "paper figure"]) + " |",
+             "| " + " | ".join("---" for _ in range(len(labels) + 3)) + " |"]
+    for row in rows:
+        finished = [r.results for r in row.runs if r.results is not None]
+        if not row.evaluation.startswith("test (end") or not finished:
+            continue
+        cells = []
+        for column in columns:
+            names = (column.partition("=")[2] or column).split("|")
+            name = next((n for n in names if n in finished[0]["test"]), None)
+            if name is None:
+                cells.append("—")
+                continue
+            values = [float(r["test"][name]) for r in finished]
+            factor, unit, digits = _scale(name)
+            if len(values) > 1:
+                spread = f" ± {statistics.stdev(values) * factor:.{digits}f}{unit} (std)"
+            else:
+                spread = f" ± {float(finished[0]['test'][f'{name}_ci95']) * factor:.{digits}f}{unit}"
+            cells.append(f"{statistics.fmean(values) * factor:.{digits}f}{unit}{spread}")
+        command = row.runs[0].command
+        line = [_row_label(row, keys), f"`{command}`", *cells, summarise(row).get("paper", "—")]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAGE_BLOCK = re.compile(r"(<!-- metalearn-report( [^:>]*)?: ([^>]*?) -->\n)(.*?)(<!-- /metalearn-report -->)",
                         re.DOTALL)
 
 
@@ -408,7 +441,16 @@ def update_page(text: str, rows: Sequence[Row], keys: Sequence[str], name: str =
                                             [v != "—" for v in r.settings], r.settings, r.evaluation))
         if not chosen:
             raise ValueError(f"{name}: the block '{match.group(1).strip()}' matches no run")
-        table_text = validation_table(chosen, keys) if match.group(2) else page_table(chosen, keys)
+        kind = (match.group(2) or "").split()
+        if not kind:
+            table_text = page_table(chosen, keys)
+        elif kind[0] == "validation":
+            table_text = validation_table(chosen, keys)
+        elif kind[0] == "metrics" and len(kind) > 1:
+            table_text = metrics_table(chosen, keys, kind[1:])
+        else:
+            raise ValueError(f"{name}: the block '{match.group(1).strip()}' is neither a results table, "
+                             "'validation' nor 'metrics <label=metric> ...'")
         return match.group(1) + table_text + match.group(5)
 
     return PAGE_BLOCK.sub(fill, text)

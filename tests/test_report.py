@@ -193,3 +193,26 @@ def test_results_page_is_up_to_date() -> None:
     assert text.count("<!-- metalearn-report") >= 5
     assert update_page(text, build_rows(runs, keys), keys) == text, (
         "docs/results.md is out of date: metalearn-report docs/results/runs --out docs/results --page docs/results.md")
+
+
+def test_metrics_block_picks_the_first_metric_a_run_has(sweep: Path, tmp_path: Path) -> None:
+    from metalearn.report import build_rows, find_runs, update_page, varied_keys
+
+    runs = find_runs([sweep])
+    keys = varied_keys(runs)
+    page = ("<!-- metalearn-report metrics after=query_mse before=nope|query_mse_pre gone=nope: maml_sinusoid -->\n"
+            "<!-- /metalearn-report -->\n")
+    text = update_page(page, build_rows(runs, keys), keys)
+    lines = text.splitlines()
+    assert lines[1] == "| run | command | after | before | gone | paper figure |"
+    good = next(line for line in lines if "hidden_sizes=[8]" in line.split("|")[1])
+    results = [r.results for r in runs if r.results is not None]
+    after = [r["test"]["query_mse"] for r in results]
+    before = [r["test"]["query_mse_pre"] for r in results]
+    cells = [c.strip() for c in good.split("|")[1:-1]]
+    assert cells[2] == f"{statistics.fmean(after):.4f} ± {statistics.stdev(after):.4f} (std)"
+    assert cells[3] == f"{statistics.fmean(before):.4f} ± {statistics.stdev(before):.4f} (std)"
+    assert cells[4] == "—" and cells[5] == "0.7700 ± 0.1100 (Li et al., 2017)"
+    assert not any("hidden_sizes=[-3]" in line for line in lines)  # failed runs have no metrics
+    with pytest.raises(ValueError, match="neither a results table"):
+        update_page(page.replace("metrics", "curves"), build_rows(runs, keys), keys)
