@@ -40,6 +40,7 @@ from metalearn.algorithms.functional import Params, buffers_of
 from metalearn.checks import positive_int
 from metalearn.objectives import Objective
 from metalearn.rl.envs import BatchEnv, Navigation2D
+from metalearn.rl.pictures import navigation_figure
 from metalearn.rl.rollout import (
     Trajectories,
     categorical_sample,
@@ -329,20 +330,7 @@ class MAMLRL(MetaAlgorithm):
         rounds = [(d.observations, d.mask) for d in data]
         post = self.task_data(final, torch.zeros_like(final.rewards))
         rounds.append((post.observations, post.mask))
-        figure = Figure(figsize=(12, 3.4))
-        axes = figure.subplots(1, len(batch))
-        for i, ax in enumerate(axes):
-            for k, (observations, mask) in enumerate(rounds):
-                valid = mask[i, :, 0] > 0
-                path = observations[i, valid, 0, :2]
-                label = "before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}"
-                ax.plot(path[:, 0].numpy(), path[:, 1].numpy(), label=label, alpha=0.8)
-            goal = batch.params[i]
-            ax.plot([goal[0].item()], [goal[1].item()], "r*", markersize=12)
-            ax.set_xlim(-0.6, 0.6)
-            ax.set_ylim(-0.6, 0.6)
-            ax.set_aspect("equal")
-        axes[0].legend(fontsize=7)
-        figure.suptitle("MAML-RL on 2D navigation: one episode per policy (★ goal)")
-        figure.tight_layout()
-        return figure
+        paths = [[("before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}",
+                   observations[i, mask[i, :, 0] > 0, 0, :2]) for k, (observations, mask) in enumerate(rounds)]
+                 for i in range(len(batch))]
+        return navigation_figure(batch.params, paths, "MAML-RL on 2D navigation: one episode per policy (★ goal)")

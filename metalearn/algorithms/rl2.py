@@ -31,6 +31,7 @@ from metalearn.models.recurrent import RecurrentPolicy
 from metalearn.objectives import Objective
 from metalearn.rl.bandits import expected_regret, thompson_sampling, ucb1
 from metalearn.rl.envs import Bandit, BatchEnv, Navigation2D
+from metalearn.rl.pictures import navigation_figure
 from metalearn.rl.rollout import categorical_sample, draw_noise, gae, gaussian_log_prob, masked_mean, normalize
 from metalearn.rl.tasks import EnvTaskBatch
 from metalearn.tasks import Task, TaskSampler
@@ -268,23 +269,10 @@ class RL2(MetaAlgorithm):
         batch = tasks.sample(n, "test", generator)  # type: ignore[arg-type]
         assert isinstance(batch, EnvTaskBatch)
         data = self.run_trials(batch, purpose=1000)
-        figure = Figure(figsize=(3 * n, 3.2))
-        axes = figure.subplots(1, n)
-        for i, ax in enumerate(axes):
-            row = i * self.trials_per_task
-            for k in range(self.episodes_per_trial):
-                slots = (data.episode == k) & data.alive[:, row]
-                path = data.inputs[slots, row, :2]  # the position each step starts from
-                ax.plot(path[:, 0].numpy(), path[:, 1].numpy(), label=f"episode {k + 1}")
-            goal = batch.params[i]
-            ax.plot([goal[0].item()], [goal[1].item()], "r*", markersize=12)
-            ax.set_xlim(-0.6, 0.6)
-            ax.set_ylim(-0.6, 0.6)
-            ax.set_aspect("equal")
-        axes[0].legend(fontsize=7)
-        figure.suptitle("RL² on 2D navigation: paths of the episodes of one trial (★ goal)")
-        figure.tight_layout()
-        return figure
+        rows = [i * self.trials_per_task for i in range(n)]
+        paths = [[(f"episode {k + 1}", data.inputs[(data.episode == k) & data.alive[:, row], row, :2])
+                  for k in range(self.episodes_per_trial)] for row in rows]  # positions each step starts from
+        return navigation_figure(batch.params, paths, "RL² on 2D navigation: the episodes of one trial (★ goal)")
 
 
 def env_name(env: BatchEnv) -> str:
