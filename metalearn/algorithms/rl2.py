@@ -70,6 +70,8 @@ class RL2(MetaAlgorithm):
         score: the headline metric, "after adaptation": the last episode's return ("last"), or the mean
             episode return over the whole trial ("mean": for bandits, the reward per pull, which counts
             the cost of exploring).
+        reward_scale: rewards are multiplied by this for the value targets and advantages (returns of
+            order 1 keep the value loss from swamping the policy's gradient); reported returns are not.
     """
 
     reinforcement = True
@@ -77,7 +79,7 @@ class RL2(MetaAlgorithm):
 
     def __init__(self, model: nn.Module, objective: Objective, episodes_per_trial: int = 2, trials_per_task: int = 1,
                  gamma: float = 0.99, gae_lambda: float = 0.95, value_coef: float = 0.5, entropy_coef: float = 0.01,
-                 normalize_advantages: bool = True, score: str = "last") -> None:
+                 normalize_advantages: bool = True, score: str = "last", reward_scale: float = 1.0) -> None:
         super().__init__(model, objective)
         if not getattr(model, "recurrent", False):
             raise ValueError(f"RL² needs a recurrent policy that carries its state across episodes (model=gru_policy), "
@@ -89,6 +91,9 @@ class RL2(MetaAlgorithm):
         if score not in ("last", "mean"):
             raise ValueError(f"score={score!r}: must be 'last' (the last episode's return) or 'mean' (over the trial)")
         self.score = score
+        if not reward_scale > 0:
+            raise ValueError(f"reward_scale={reward_scale}: must be > 0")
+        self.reward_scale = reward_scale
         self.episodes_per_trial = positive_int("episodes_per_trial", episodes_per_trial)
         self.trials_per_task = positive_int("trials_per_task", trials_per_task)
         self.gamma, self.gae_lambda = gamma, gae_lambda
@@ -185,7 +190,8 @@ class RL2(MetaAlgorithm):
             assert log_std is not None
             log_prob = gaussian_log_prob(out, log_std, data.actions)
             entropy = (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum().expand_as(log_prob)
-        advantages = gae(data.rewards, values.detach() * mask, mask, self.gamma, self.gae_lambda)
+        rewards = data.rewards * self.reward_scale  # the value head fits scaled returns
+        advantages = gae(rewards, values.detach() * mask, mask, self.gamma, self.gae_lambda)
         returns = advantages + values.detach()
         if self.normalize_advantages:
             advantages = normalize(advantages, mask)
