@@ -63,7 +63,7 @@ class LSTMOptimizer(nn.Module):
     Every coordinate is one row of a batch through the same LSTM, so the weights are shared across all
     coordinates of all parameters and the optimizer is invariant to their order (Section 2.1). A linear
     layer maps the last hidden state to one value, scaled by `output_scale`: the update g_t, and the
-    optimizee takes θ_{t+1} = θ_t + g_t (equation 2).
+    optimizee takes θ_{t+1} = θ_t + g_t (Section 2).
 
     Args:
         hidden: hidden units per LSTM layer (20 in the paper).

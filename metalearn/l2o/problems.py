@@ -136,6 +136,8 @@ class MLPClassifier:
         self.batch_size = batch_size
         self.activation = activation
         self.classes = int(self.y.max()) + 1 if classes is None else classes
+        if self.y.min() < 0 or self.y.max() >= self.classes:
+            raise ValueError(f"labels span {int(self.y.min())} … {int(self.y.max())}: expected 0 … {self.classes - 1}")
         self.init_std = init_std
         d, h, c = x.shape[1], self.hidden, self.classes
         # The flat vector holds W1 [D, H], b1 [H], W2 [H, C], b2 [C] in this order.

@@ -1,6 +1,6 @@
 """Unrolled optimisation, the meta-loss, truncated BPTT and hand-designed baseline optimizers.
 
-The meta-loss of Andrychowicz et al. (2016, equation 3) is L(φ) = E_f[Σ_t w_t f(θ_t)] over the
+The meta-loss of Andrychowicz et al. (2016, Section 2) is L(φ) = E_f[Σ_t w_t f(θ_t)] over the
 trajectory θ_{t+1} = θ_t + g_t, [g_t, h_{t+1}] = m(∇_t, h_t; φ), with w_t = 1. Following the paper
 (Section 2, Figure 2) the optimizee's gradient ∇_t = ∇f(θ_t) is an *input* of the optimizer: the
 second derivatives ∂∇_t/∂φ are dropped, so the meta-gradient flows only along θ_t → θ_{t+1} (the
@@ -112,16 +112,17 @@ def meta_train_truncated(optimizer_fn: UpdateRule, problem_family: ProblemFamily
     Returns:
         The detached losses f(θ_0) … f(θ_T), [T + 1, B].
     """
-    if unroll_length < 1:
-        raise ValueError(f"unroll_length={unroll_length}: must be at least 1")
+    if steps < 1 or unroll_length < 1:
+        raise ValueError(f"steps={steps}, unroll_length={unroll_length}: both must be at least 1")
     theta = problem_family.initial_params(problem) if theta0 is None else theta0
-    state, history = None, [problem_family.loss(problem, theta, 0).detach().unsqueeze(0)]
+    state, history = None, []
     for start in range(0, steps, unroll_length):
         losses, theta, state = unroll(optimizer_fn, problem_family, problem, theta, min(unroll_length, steps - start),
                                       state=state, create_graph=True, first_step=start)
         step_fn(meta_loss(losses))
         theta, state = theta.detach(), detach_state(state)
-        history.append(losses[1:].detach())
+        # Each segment's first loss is the previous segment's last.
+        history.append(losses.detach() if start == 0 else losses[1:].detach())
     return torch.cat(history)
 
 
