@@ -148,19 +148,33 @@ def _check_model_fits(model: torch.nn.Module, tasks: Any, predicts_targets: bool
                               out.shape[-1], tasks.output_size)
 
 
+# What each kind of task is, the algorithms that learn from it, and the datasets that give it.
+TASK_KINDS = {
+    "examples": ("examples (episodes of a dataset)", "a few-shot algorithm (algorithm=maml, protonet, ...)",
+                 "a dataset of examples (dataset=sinusoid, omniglot, ...)"),
+    "environments": ("environments", "algorithm=maml_rl or rl2",
+                     "an environment family (dataset=navigation2d, bandit, halfcheetah_vel, halfcheetah_dir)"),
+    "optimizees": ("optimizee problems", "algorithm=l2o", "an optimizee family (dataset=quadratic)"),
+}
+
+
+def check_task_kind(node: DictConfig, tasks: Any) -> None:
+    """The algorithm of config `node` learns from the kind of task the dataset gives (examples,
+    environments, optimizee problems), or a ConfigError says what to use instead. Checked before the
+    model and the algorithm are built, whose constructors would fail less clearly."""
+    kind = get_class(node._target_)
+    wants, gives = getattr(kind, "task_kind", "examples"), getattr(tasks, "task_kind", "examples")
+    if wants != gives:
+        raise ConfigError(f"algorithm: {kind.__name__} learns from {TASK_KINDS[wants][0]}, but the dataset "
+                          f"({type(tasks).__name__}) gives {TASK_KINDS[gives][0]}: use {TASK_KINDS[gives][1]}, "
+                          f"or {TASK_KINDS[wants][2]}")
+
+
 def build_algorithm(node: DictConfig, model: torch.nn.Module, tasks: Any) -> tuple[MetaAlgorithm, Any]:
     """The algorithm of config `node` on `model`, set up for the task distribution, and the
     distribution as its training loop must see it (pairs or labelled minibatches for algorithms that
     train on those, see `TrainingBatches`); the model is checked against the data."""
-    kind = get_class(node._target_)  # before construction: a constructor may reject the objective first
-    reinforcement, environments = getattr(kind, "reinforcement", False), hasattr(tasks, "env")
-    if environments and not reinforcement:
-        raise ConfigError(f"algorithm: {kind.__name__} learns from examples, but the dataset is a "
-                          f"distribution of environments ({type(tasks.env).__name__}): use algorithm=maml_rl or rl2")
-    if reinforcement and not environments:
-        raise ConfigError(f"algorithm: {kind.__name__} trains policies on environments; the dataset "
-                          f"({type(tasks).__name__}) is not one: use dataset=navigation2d, bandit, "
-                          "halfcheetah_vel or halfcheetah_dir")
+    check_task_kind(node, tasks)
     algorithm = _make(node, "algorithm", model=model, objective=tasks.objective)
     if algorithm.train_batches != "episodes":
         try:
@@ -179,6 +193,7 @@ def build_learner(cfg: DictConfig) -> tuple[Any, MetaAlgorithm]:
     """The task distribution and the (untrained) algorithm on its model, from a run's config."""
     torch.manual_seed(cfg.seed)  # model initialisation; task sampling has its own generator
     tasks = _make(cfg.dataset, "dataset")
+    check_task_kind(cfg.algorithm, tasks)
     model = _make(cfg.model, "model")
     algorithm, tasks = build_algorithm(cfg.algorithm, model, tasks)
     return tasks, algorithm

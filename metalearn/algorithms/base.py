@@ -75,8 +75,11 @@ class MetaAlgorithm(nn.Module, ABC):
     # step, several optimizer steps): the trainer then takes no optimizer step of its own and logs
     # `update_norm` (the length of the update) as the gradient norm.
     steps_itself: bool = False
-    # True for reinforcement-learning algorithms: they train on environment task families (metalearn.rl).
-    reinforcement: ClassVar[bool] = False
+    # What the algorithm learns from: "examples" (episodes of a dataset), "environments" (metalearn.rl)
+    # or "optimizees" (problems for a learned optimizer, metalearn.l2o); a dataset says which it gives
+    # (`task_kind`, "examples" if it does not say).
+    task_kind: ClassVar[str] = "examples"
+    reinforcement: ClassVar[bool] = False  # learns policies (environments); its meta-loss is −return
     update_norm: float = 0.0
 
     def __init__(self, model: nn.Module, objective: Objective) -> None:

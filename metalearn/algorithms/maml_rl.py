@@ -86,6 +86,7 @@ class MAMLRL(MetaAlgorithm):
     """
 
     reinforcement = True
+    task_kind = "environments"
 
     def __init__(self, model: nn.Module, objective: Objective, inner_lr: float = 0.1, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, episodes: int = 20, gamma: float = 0.99,

@@ -75,6 +75,7 @@ class RL2(MetaAlgorithm):
     """
 
     reinforcement = True
+    task_kind = "environments"
     model_predicts_targets = False
 
     def __init__(self, model: nn.Module, objective: Objective, episodes_per_trial: int = 2, trials_per_task: int = 1,

@@ -2,9 +2,10 @@
 
 A family samples a batch of B problems from a `torch.Generator`. Each problem's parameters are a flat
 vector (θ is [B, n]) and its loss is a pure function of them, so gradients can flow through an unrolled
-optimisation. Per-step randomness (the minibatch of step t, the noise of a noisy quadratic) comes from a
-per-problem-batch seed and the step index, so the same problem sees the same sequence under every
-optimizer.
+optimisation. Per-step randomness (the minibatch of step t, the noise of a noisy quadratic) comes from
+each problem's own seed and the step index, so a problem sees the same sequence under every optimizer
+and whichever batch it is evaluated in. Problem batches concatenate (`cat`) and index like task batches,
+so the trainer's fixed validation and test sets work on them.
 
 References:
     Andrychowicz et al. (2016). Learning to learn by gradient descent by gradient descent. NeurIPS.
@@ -13,7 +14,8 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Protocol, TypeVar
 
 import torch
@@ -41,18 +43,45 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
-def draw_seed(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
+def draw_seeds(n: int, generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 2**62, (n,), generator=generator)
+
+
+B = TypeVar("B", bound="ProblemBatch")
+
+
+class ProblemBatch:
+    """A batch of problems as a dataclass of tensors with a leading problem dimension (`theta0` among
+    them, `seeds` the per-problem seeds): length, indexing, concatenation."""
+
+    theta0: Tensor
+    seeds: Tensor
+
+    def __len__(self) -> int:
+        return len(self.theta0)
+
+    def __getitem__(self: B, i: int | slice) -> B:
+        rows = slice(i, i + 1) if isinstance(i, int) else i
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)})  # type: ignore[type-var,arg-type]
+
+    def to(self: B, device: torch.device | str) -> B:
+        return self  # optimizee problems run on the CPU with the optimizer
+
+    @classmethod
+    def cat(cls: type[B], batches: Sequence[B]) -> B:
+        return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches])  # type: ignore[call-arg]
+                      for f in fields(batches[0])})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
-class QuadraticProblem:
-    """A batch of quadratics f(θ) = ‖Wθ − y‖²: W [B, dim, dim], y [B, dim], θ_0 [B, dim]."""
+class QuadraticProblem(ProblemBatch):
+    """A batch of quadratics f(θ) = ‖Wθ − y‖²: W [B, dim, dim], y [B, dim], θ_0 [B, dim], and each
+    problem's seed of its per-step target noise [B]."""
 
     w: Tensor
     y: Tensor
     theta0: Tensor
-    seed: int  # of the per-step target noise
+    seeds: Tensor
 
 
 class Quadratic:
@@ -79,7 +108,7 @@ class Quadratic:
         w = torch.randn(batch_size, self.dim, self.dim, generator=generator, dtype=self.dtype)
         y = torch.randn(batch_size, self.dim, generator=generator, dtype=self.dtype)
         theta0 = torch.randn(batch_size, self.dim, generator=generator, dtype=self.dtype)
-        return QuadraticProblem(w, y, theta0, draw_seed(generator))
+        return QuadraticProblem(w, y, theta0, draw_seeds(batch_size, generator))
 
     def initial_params(self, problem: QuadraticProblem) -> Tensor:
         return problem.theta0
@@ -87,18 +116,19 @@ class Quadratic:
     def loss(self, problem: QuadraticProblem, theta: Tensor, step: int) -> Tensor:
         y = problem.y
         if self.noise_std > 0:
-            noise = torch.randn(y.shape, generator=step_generator(problem.seed, step), dtype=y.dtype)
+            noise = torch.stack([torch.randn(y.shape[1:], generator=step_generator(int(seed), step), dtype=y.dtype)
+                                 for seed in problem.seeds])
             y = y + self.noise_std * noise
         residual = (problem.w @ theta.unsqueeze(-1)).squeeze(-1) - y
         return (residual**2).sum(-1)
 
 
 @dataclass(frozen=True)
-class MLPProblem:
-    """A batch of MLP initialisations θ_0 [B, n] and the seed of their minibatch sequence."""
+class MLPProblem(ProblemBatch):
+    """A batch of MLP initialisations θ_0 [B, n] and each one's seed of its minibatch sequence [B]."""
 
     theta0: Tensor
-    seed: int
+    seeds: Tensor
 
 
 class MLPClassifier:
@@ -146,15 +176,15 @@ class MLPClassifier:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> MLPProblem:
         theta0 = self.init_std * torch.randn(batch_size, self.n_params, generator=generator, dtype=self.x.dtype)
-        return MLPProblem(theta0, draw_seed(generator))
+        return MLPProblem(theta0, draw_seeds(batch_size, generator))
 
     def initial_params(self, problem: MLPProblem) -> Tensor:
         return problem.theta0
 
     def minibatch(self, problem: MLPProblem, step: int) -> tuple[Tensor, Tensor]:
         """Each problem's minibatch at `step`: inputs [B, batch_size, D] and labels [B, batch_size]."""
-        rows = torch.randint(0, len(self.x), (len(problem.theta0), self.batch_size),
-                             generator=step_generator(problem.seed, step))
+        rows = torch.stack([torch.randint(0, len(self.x), (self.batch_size,), generator=step_generator(int(seed), step))
+                            for seed in problem.seeds])
         return self.x[rows], self.y[rows]
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:

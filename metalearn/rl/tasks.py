@@ -62,6 +62,7 @@ class EnvTasks:
     """
 
     objective = Return()
+    task_kind = "environments"
 
     def __init__(self, env: BatchEnv, observation_size: int | None = None, action_size: int | None = None,
                  discrete: bool | None = None) -> None:

@@ -36,12 +36,12 @@ def gen(seed: int) -> torch.Generator:
 def test_quadratic_by_hand_and_reproducible() -> None:
     family = Quadratic(dim=2, dtype=F64)
     w = torch.tensor([[[1.0, 2.0], [0.0, -1.0]]], dtype=F64)
-    problem = QuadraticProblem(w, torch.tensor([[1.0, 1.0]], dtype=F64), torch.zeros(1, 2, dtype=F64), seed=0)
+    problem = QuadraticProblem(w, torch.tensor([[1.0, 1.0]], dtype=F64), torch.zeros(1, 2, dtype=F64), seeds=torch.zeros(1, dtype=torch.long))
     # Wθ − y at θ = (1, 1): (3 − 1, −1 − 1) = (2, −2): loss 8.
     torch.testing.assert_close(family.loss(problem, torch.ones(1, 2, dtype=F64), 0), torch.tensor([8.0], dtype=F64))
     a, b = Quadratic(dim=10).sample(5, gen(3)), Quadratic(dim=10).sample(5, gen(3))
     assert a.w.shape == (5, 10, 10) and a.y.shape == (5, 10) and a.theta0.shape == (5, 10)
-    assert torch.equal(a.w, b.w) and torch.equal(a.theta0, b.theta0) and a.seed == b.seed
+    assert torch.equal(a.w, b.w) and torch.equal(a.theta0, b.theta0) and torch.equal(a.seeds, b.seeds)
     noisy = Quadratic(dim=10, noise_std=0.5)
     assert torch.equal(noisy.loss(a, a.theta0, 4), noisy.loss(a, a.theta0, 4))
     assert not torch.equal(noisy.loss(a, a.theta0, 4), noisy.loss(a, a.theta0, 5))

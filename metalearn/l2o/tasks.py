@@ -1,0 +1,49 @@
+"""Optimizee problems as a task distribution the trainer samples (for `algorithm=l2o`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metalearn.l2o.problems import ProblemFamily
+from metalearn.tasks import Split
+
+
+@dataclass(frozen=True)
+class FinalLoss:
+    """The objective of training an optimizer: the optimizee's loss at the end of the horizon, lower is
+    better. The learned optimizer's own meta-loss is the mean optimizee loss over the unroll."""
+
+    metric: str = "final_loss"
+    higher_is_better: bool = False
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        raise TypeError("optimizee problems have no supervised loss")
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        raise TypeError("optimizee problems have no supervised score")
+
+
+class ProblemTasks:
+    """A distribution of optimizee problems (`family`, e.g. metalearn.l2o.problems.Quadratic): a task is
+    one problem. The splits draw from the same distribution; the trainer's fixed validation and test
+    sets come from their own seeds, so they are held-out problems."""
+
+    objective = FinalLoss()
+    task_kind = "optimizees"
+
+    def __init__(self, family: ProblemFamily[Any]) -> None:
+        if not all(callable(getattr(family, name, None)) for name in ("sample", "initial_params", "loss")):
+            raise TypeError(f"family={type(family).__name__}: not an optimizee family (sample, initial_params, loss)")
+        self.family = family
+
+    def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> Any:
+        return self.family.sample(batch_size, generator)
+
+    def check_model(self, model: nn.Module, predicts_targets: bool) -> None:
+        """Raise ValueError if the model is not an update rule (a learned optimizer)."""
+        if not (callable(getattr(model, "initial_state", None)) and callable(model)):
+            raise ValueError(f"{type(model).__name__} is not an optimizer: use model=lstm_optimizer")
