@@ -36,7 +36,8 @@ def gen(seed: int) -> torch.Generator:
 def test_quadratic_by_hand_and_reproducible() -> None:
     family = Quadratic(dim=2, dtype=F64)
     w = torch.tensor([[[1.0, 2.0], [0.0, -1.0]]], dtype=F64)
-    problem = QuadraticProblem(w, torch.tensor([[1.0, 1.0]], dtype=F64), torch.zeros(1, 2, dtype=F64), seeds=torch.zeros(1, dtype=torch.long))
+    problem = QuadraticProblem(w, torch.tensor([[1.0, 1.0]], dtype=F64), torch.zeros(1, 2, dtype=F64),
+                               seeds=torch.zeros(1, dtype=torch.long))
     # Wθ − y at θ = (1, 1): (3 − 1, −1 − 1) = (2, −2): loss 8.
     torch.testing.assert_close(family.loss(problem, torch.ones(1, 2, dtype=F64), 0), torch.tensor([8.0], dtype=F64))
     a, b = Quadratic(dim=10).sample(5, gen(3)), Quadratic(dim=10).sample(5, gen(3))
