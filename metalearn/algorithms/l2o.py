@@ -9,10 +9,11 @@ so one trainer step takes horizon / unroll_length optimizer steps. As in the pap
 gradients enter the learned optimizer as inputs: no second derivatives of the optimizee.
 
 Evaluation optimises each held-out problem for `eval_horizon` steps (by default `horizon`) and reports
-the final loss (`final_loss`; "before adaptation": the initial loss) and the mean loss over the run
-(`mean_loss`). The picture at the end of a run compares the learned optimizer with SGD, Momentum,
-RMSprop and Adam, each with its learning rate tuned on other problems, over twice the training horizon
-(the paper's longer-horizon check).
+the final loss (`final_loss`; "before adaptation": the initial loss), the mean loss over the run
+(`mean_loss`) and the final loss of each hand-designed optimizer at its tuned learning rate on the
+same problems (`final_loss_sgd`, `_momentum`, `_rmsprop`, `_adam`). The picture at the end of a run
+compares the learned optimizer with them over twice the training horizon (the paper's
+longer-horizon check).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ BASELINES: dict[str, Callable[[float], UpdateRule]] = {"SGD": SGD, "Momentum": M
                                                        "Adam": Adam}
 # Learning rates the baselines are tuned over: 10^-4 … 10^1 in half decades.
 TUNING_LRS = tuple(10 ** (k / 2) for k in range(-8, 3))
+TUNING_SEED = 7  # the tuning problems' seed: their own draw, never the validation or test problems'
 
 
 class LearnedOptimizer(MetaAlgorithm):
@@ -64,6 +66,7 @@ class LearnedOptimizer(MetaAlgorithm):
         self.tuning_problems = positive_int("tuning_problems", tuning_problems)
         self.family: ProblemFamily[Any] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._tuned: dict[str, float] | None = None
 
     def setup(self, tasks: TaskSampler) -> None:
         family = getattr(tasks, "family", None)
@@ -115,24 +118,35 @@ class LearnedOptimizer(MetaAlgorithm):
                                   steps or self.eval_horizon, create_graph=False)
         return losses
 
+    def tuned_learning_rates(self) -> dict[str, float]:
+        """Each baseline's learning rate among TUNING_LRS with the lowest mean loss after `horizon` steps on
+        `tuning_problems` problems of their own (seed TUNING_SEED); tuned once, on first use."""
+        if self._tuned is None:
+            family = self._family()
+            tuning = family.sample(self.tuning_problems, torch.Generator().manual_seed(TUNING_SEED))
+            self._tuned = {name: tune_learning_rate(family, make, TUNING_LRS, self.horizon, tuning)
+                           for name, make in BASELINES.items()}
+        return self._tuned
+
     def evaluate(self, batch: Any) -> TaskScores:  # type: ignore[override]
+        """The learned optimizer's final and mean loss on each problem, and each tuned baseline's final loss
+        on the same problems (`final_loss_sgd`, `final_loss_momentum`, `final_loss_rmsprop`, `final_loss_adam`)."""
         losses = self.optimise(batch)
         final, initial = losses[-1], losses[0]
-        return TaskScores(loss=final, loss_pre=initial, score=final, score_pre=initial,
-                          extra={"mean_loss": losses[1:].mean(0)})
+        extra = {"mean_loss": losses[1:].mean(0)}
+        for name, lr in self.tuned_learning_rates().items():
+            extra[f"final_loss_{name.lower()}"] = self.optimise(batch, BASELINES[name](lr))[-1]
+        return TaskScores(loss=final, loss_pre=initial, score=final, score_pre=initial, extra=extra)
 
     def compare(self, tasks: TaskSampler, generator: torch.Generator, problems: int = 100,
                 steps: int | None = None) -> dict[str, Tensor]:
         """Mean loss curves [steps + 1] on held-out problems of the learned optimizer and of each baseline
-        at the learning rate (of TUNING_LRS) with the lowest mean final loss on other problems."""
-        family = self._family()
+        at its tuned learning rate (`tuned_learning_rates`)."""
         steps = steps or 2 * self.horizon
-        tuning = tasks.sample(self.tuning_problems, "val", generator)
         held_out = tasks.sample(problems, "test", generator)
         curves = {"learned (LSTM)": self.optimise(held_out, steps=steps).mean(1)}
-        for name, make in BASELINES.items():
-            lr = tune_learning_rate(family, make, TUNING_LRS, self.horizon, tuning)
-            curves[f"{name} (lr {lr:.3g})"] = self.optimise(held_out, make(lr), steps).mean(1)
+        for name, lr in self.tuned_learning_rates().items():
+            curves[f"{name} (lr {lr:.3g})"] = self.optimise(held_out, BASELINES[name](lr), steps).mean(1)
         return curves
 
     def illustrate(self, tasks: TaskSampler, generator: torch.Generator) -> Figure | None:

@@ -38,12 +38,15 @@ def test_one_optimizer_step_per_truncated_segment() -> None:
 def test_evaluation_is_a_plain_unroll_and_independent_of_batching() -> None:
     x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
     family = MLPClassifier(x, (x[:, 0] > 0).long(), hidden=4, batch_size=8)
-    tasks, algorithm = make(family, horizon=6)
+    tasks, algorithm = make(family, horizon=6, tuning_problems=4)
     batch = next(fixed_batches(tasks, "test", 3, seed=2, batch_size=3))
     scores = algorithm.evaluate(batch)
     losses, _, _ = unroll(algorithm.rule, family, batch, batch.theta0, 6, create_graph=False)
     torch.testing.assert_close(scores.score, losses[-1])
     torch.testing.assert_close(scores.extra["mean_loss"], losses[1:].mean(0))
+    for name, lr in algorithm.tuned_learning_rates().items():  # each baseline on the same problems
+        baseline, _, _ = unroll(BASELINES[name](lr), family, batch, batch.theta0, 6, create_graph=False)
+        torch.testing.assert_close(scores.extra[f"final_loss_{name.lower()}"], baseline[-1])
     alone = torch.cat([algorithm.evaluate(b).score for b in fixed_batches(tasks, "test", 3, seed=2, batch_size=1)])
     torch.testing.assert_close(alone, scores.score)  # each problem's minibatches come from its own seed
 
