@@ -58,3 +58,18 @@ class Classification:
 
     def score(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (prediction.argmax(dim=-1) == target).to(torch.float32).mean()
+
+
+@dataclass(frozen=True)
+class AlgorithmsOwn:
+    """An objective whose losses are the algorithm's own (a policy's surrogate of −return, an unrolled
+    optimisation's losses): only the headline metric's name and direction, no loss of a prediction."""
+
+    metric: str
+    higher_is_better: bool
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        raise TypeError(f"the {self.metric} objective has no loss of a prediction: the algorithm computes its own")
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        raise TypeError(f"the {self.metric} objective has no score of a prediction: the algorithm computes its own")

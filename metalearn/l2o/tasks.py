@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from metalearn.l2o.problems import ProblemFamily
+from metalearn.objectives import AlgorithmsOwn
 from metalearn.tasks import Split
-
-
-@dataclass(frozen=True)
-class FinalLoss:
-    """The objective of training an optimizer: the optimizee's loss at the end of the horizon, lower is
-    better. The learned optimizer's own meta-loss is the mean optimizee loss over the unroll."""
-
-    metric: str = "final_loss"
-    higher_is_better: bool = False
-
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        raise TypeError("optimizee problems have no supervised loss")
-
-    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        raise TypeError("optimizee problems have no supervised score")
 
 
 class ProblemTasks:
@@ -32,7 +17,9 @@ class ProblemTasks:
     one problem. The splits draw from the same distribution; the trainer's fixed validation and test
     sets come from their own seeds, so they are held-out problems."""
 
-    objective = FinalLoss()
+    # The optimizee's loss at the end of the horizon, lower is better; the learned optimizer's meta-loss
+    # is the mean optimizee loss over the unroll.
+    objective = AlgorithmsOwn("final_loss", higher_is_better=False)
     task_kind = "optimizees"
 
     def __init__(self, family: ProblemFamily[Any]) -> None:

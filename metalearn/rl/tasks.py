@@ -8,23 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from metalearn.objectives import AlgorithmsOwn
 from metalearn.rl.envs import BatchEnv
 from metalearn.tasks import Split
-
-
-@dataclass(frozen=True)
-class Return:
-    """The objective of a reinforcement-learning task: the undiscounted episode return, higher is better.
-    Losses are the algorithms' own (surrogates of −return), so `loss`/`score` of a prediction do not exist."""
-
-    metric: str = "return"
-    higher_is_better: bool = True
-
-    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        raise TypeError("a reinforcement-learning task has no supervised loss")
-
-    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        raise TypeError("a reinforcement-learning task has no supervised score")
 
 
 @dataclass(frozen=True)
@@ -61,7 +47,8 @@ class EnvTasks:
     and test sets come from their own seeds, so they never coincide with training tasks' draws.
     """
 
-    objective = Return()
+    # The undiscounted episode return, higher is better; the losses are the algorithms' (−return surrogates).
+    objective = AlgorithmsOwn("return", higher_is_better=True)
     task_kind = "environments"
 
     def __init__(self, env: BatchEnv, observation_size: int | None = None, action_size: int | None = None,
