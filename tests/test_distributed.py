@@ -59,6 +59,7 @@ def worker(rank: int, port: int, kind: str, out: str) -> None:
     if rank == 0:
         torch.save({"grads": {n: p.grad for n, p in algorithm.named_parameters()},
                     "buffers": dict(algorithm.named_buffers()), "scalars": scalars}, out)
+    dist.barrier()  # both ranks are done with Gloo before either tears it down (else a rank can abort)
     dist.destroy_process_group()
 
 
