@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def worker(rank: int, port: int, kind: str, out: str) -> None:
     if rank == 0:
         torch.save({"grads": {n: p.grad for n, p in algorithm.named_parameters()},
                     "buffers": dict(algorithm.named_buffers()), "scalars": scalars}, out)
-    dist.barrier()  # both ranks are done with Gloo before either tears it down (else a rank can abort)
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done with Gloo before either leaves
+    # Leave without the interpreter's teardown: in a spawned worker it can destroy Gloo's still-joinable
+    # threads ("terminate called without an active exception", SIGABRT) after all the work is done.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["sinusoid", "conv_batchnorm"])
