@@ -50,7 +50,8 @@ class LearnedOptimizer(MetaAlgorithm):
         horizon: optimisation steps per problem in meta-training (100 in the paper).
         unroll_length: steps per truncated segment (20 in the paper).
         eval_horizon: optimisation steps at evaluation (default: `horizon`).
-        tuning_problems: problems the baselines' learning rates are tuned on, for the picture.
+        tuning_problems: problems the baselines' learning rates are tuned on.
+        picture_problems: held-out problems the picture's mean loss curves average over.
     """
 
     task_kind = "optimizees"
@@ -58,12 +59,13 @@ class LearnedOptimizer(MetaAlgorithm):
     steps_itself = True
 
     def __init__(self, model: nn.Module, objective: Objective, horizon: int = 100, unroll_length: int = 20,
-                 eval_horizon: int | None = None, tuning_problems: int = 100) -> None:
+                 eval_horizon: int | None = None, tuning_problems: int = 100, picture_problems: int = 100) -> None:
         super().__init__(model, objective)
         self.horizon = positive_int("horizon", horizon)
         self.unroll_length = positive_int("unroll_length", unroll_length)
         self.eval_horizon = positive_int("eval_horizon", eval_horizon or horizon)
         self.tuning_problems = positive_int("tuning_problems", tuning_problems)
+        self.picture_problems = positive_int("picture_problems", picture_problems)
         self.family: ProblemFamily[Any] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._tuned: dict[str, float] | None = None
@@ -138,12 +140,12 @@ class LearnedOptimizer(MetaAlgorithm):
             extra[f"final_loss_{name.lower()}"] = self.optimise(batch, BASELINES[name](lr))[-1]
         return TaskScores(loss=final, loss_pre=initial, score=final, score_pre=initial, extra=extra)
 
-    def compare(self, tasks: TaskSampler, generator: torch.Generator, problems: int = 100,
+    def compare(self, tasks: TaskSampler, generator: torch.Generator, problems: int | None = None,
                 steps: int | None = None) -> dict[str, Tensor]:
-        """Mean loss curves [steps + 1] on held-out problems of the learned optimizer and of each baseline
-        at its tuned learning rate (`tuned_learning_rates`)."""
+        """Mean loss curves [steps + 1] over `problems` (default `picture_problems`) held-out problems of the
+        learned optimizer and of each baseline at its tuned learning rate (`tuned_learning_rates`)."""
         steps = steps or 2 * self.horizon
-        held_out = tasks.sample(problems, "test", generator)
+        held_out = tasks.sample(problems or self.picture_problems, "test", generator)
         curves = {"learned (LSTM)": self.optimise(held_out, steps=steps).mean(1)}
         for name, lr in self.tuned_learning_rates().items():
             curves[f"{name} (lr {lr:.3g})"] = self.optimise(held_out, BASELINES[name](lr), steps).mean(1)

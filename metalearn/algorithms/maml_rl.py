@@ -22,12 +22,15 @@ baseline, which is then fine-tuned at test time with `eval_inner_steps` steps.
 
 Evaluation reports the mean episode return of each task before adaptation and after each of
 `eval_inner_steps` policy-gradient steps (`return_step0` … `return_stepK`), each step on fresh
-trajectories of the current policy.
+trajectories of the current policy: `eval_episodes` of them, with step sizes `eval_inner_lrs`. The
+paper's test protocol (its code's test script for 2D navigation) took vanilla policy-gradient steps on
+40 trajectories each, of size 0.5 for the first step and 0.25 for the later ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -76,7 +79,10 @@ class MAMLRL(MetaAlgorithm):
         inner_lr: step size of the inner policy-gradient steps.
         inner_steps: inner steps during meta-training (0: no adaptation, the pretrained baseline).
         eval_inner_steps: inner steps at evaluation (default: `inner_steps`, at least 1).
+        eval_inner_lrs: the step size of each evaluation step (the last one repeats for further steps);
+            None: `inner_lr` for every step.
         episodes: trajectories per task for each inner step and for the outer objective.
+        eval_episodes: trajectories per task for each step at evaluation (default: `episodes`).
         gamma / gae_lambda: discount and GAE λ of the advantages (λ = 1: returns minus the baseline).
         first_order: drop the second-order terms of the meta-gradient.
         outer: trpo, ppo or vpg (see the module docstring).
@@ -89,7 +95,8 @@ class MAMLRL(MetaAlgorithm):
     task_kind = "environments"
 
     def __init__(self, model: nn.Module, objective: Objective, inner_lr: float = 0.1, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, episodes: int = 20, gamma: float = 0.99,
+                 eval_inner_steps: int | None = None, eval_inner_lrs: Sequence[float] | None = None,
+                 episodes: int = 20, eval_episodes: int | None = None, gamma: float = 0.99,
                  gae_lambda: float = 1.0, first_order: bool = False, outer: str = "trpo", max_kl: float = 0.01,
                  cg_iterations: int = 10, cg_damping: float = 1e-5, line_search_steps: int = 15,
                  line_search_backtrack: float = 0.8, ppo_clip: float = 0.2, ppo_epochs: int = 5,
@@ -110,6 +117,11 @@ class MAMLRL(MetaAlgorithm):
             raise ValueError(f"eval_inner_steps={eval_inner_steps}: must be >= 0")
         self.eval_inner_steps = max(1, inner_steps) if eval_inner_steps is None else eval_inner_steps
         self.episodes = positive_int("episodes", episodes)
+        self.eval_episodes = positive_int("eval_episodes", episodes if eval_episodes is None else eval_episodes)
+        lrs = [float(lr) for lr in eval_inner_lrs] if eval_inner_lrs is not None else [inner_lr]
+        if not lrs or not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
+            raise ValueError(f"eval_inner_lrs={eval_inner_lrs!r}: must be a non-empty list of step sizes >= 0")
+        self.eval_inner_lrs = lrs
         self.gamma, self.gae_lambda, self.first_order, self.outer = gamma, gae_lambda, first_order, outer
         self.max_kl, self.cg_iterations, self.cg_damping = max_kl, positive_int("cg_iterations", cg_iterations), \
             cg_damping
@@ -184,9 +196,11 @@ class MAMLRL(MetaAlgorithm):
 
         return act
 
-    def sample(self, batch: EnvTaskBatch, params: Params, shared: bool, purpose: int) -> Trajectories:
-        """`episodes` trajectories of every task of `batch`, with its noise for this `purpose`."""
-        noise = draw_noise(self._env(), batch.generators(purpose), self.episodes)
+    def sample(self, batch: EnvTaskBatch, params: Params, shared: bool, purpose: int,
+               episodes: int | None = None) -> Trajectories:
+        """`episodes` (default: the training setting) trajectories of every task of `batch`, with its noise
+        for this `purpose`."""
+        noise = draw_noise(self._env(), batch.generators(purpose), episodes or self.episodes)
         detached = {k: v.detach() for k, v in params.items()}
         return rollout(self._actor(detached, shared, len(batch)), self._env(), batch.params, noise)
 
@@ -206,35 +220,43 @@ class MAMLRL(MetaAlgorithm):
         """The policy-gradient loss of one task: −mean over its steps of log π(a|s)·A."""
         return -masked_mean(self._log_prob_one(params, observations, actions) * advantages, mask)
 
-    def inner_step(self, params: Params, shared: bool, data: TaskData, create_graph: bool) -> Params:
-        """One policy-gradient SGD step of every task at once (vmap over tasks): the adapted parameters,
-        stacked. With `create_graph` they are differentiable functions of `params` (second order)."""
+    def inner_step(self, params: Params, shared: bool, data: TaskData, create_graph: bool,
+                   lr: float | None = None) -> Params:
+        """One policy-gradient SGD step (of size `lr`, default `inner_lr`) of every task at once (vmap over
+        tasks): the adapted parameters, stacked. With `create_graph` they are differentiable functions of
+        `params` (second order)."""
+        lr = self.inner_lr if lr is None else lr
 
         def step(p: Params, *task: Tensor) -> Params:
             grads = grad(self.inner_loss)(p, *task)
             if not create_graph:
                 grads = {k: g.detach() for k, g in grads.items()}
-            return {k: p[k] - self.inner_lr * grads[k] for k in p}
+            return {k: p[k] - lr * grads[k] for k in p}
 
         return vmap(step, in_dims=(None if shared else 0, 0, 0, 0, 0))(params, *data)
 
     def _advantages(self, trajectories: Trajectories) -> Tensor:
         return linear_baseline_advantages(trajectories, self.gamma, self.gae_lambda)
 
-    def _adapt_all(self, batch: EnvTaskBatch, steps: int, purpose: int) -> tuple[Params, bool, list[TaskData],
-                                                                                   list[Tensor]]:
+    def _adapt_all(self, batch: EnvTaskBatch, steps: int, purpose: int, testing: bool = False
+                   ) -> tuple[Params, bool, list[TaskData], list[Tensor]]:
         """Adapt every task of `batch` by `steps` inner steps, each on fresh trajectories of the current
-        policy: the adapted parameters (and whether they are still the shared meta-parameters), each
-        step's task-major data, and each step's mean episode return per task."""
+        policy (with the evaluation settings if `testing`): the adapted parameters (and whether they are
+        still the shared meta-parameters), each step's task-major data, and each step's mean episode
+        return per task."""
         params, shared = self.policy_params(), True
         data, returns = [], []
         for step in range(steps):
-            trajectories = self.sample(batch, params, shared, purpose + step)
+            trajectories = self.sample(batch, params, shared, purpose + step, self._episodes(testing))
             returns.append(trajectories.task_returns())
             data.append(self.task_data(trajectories, self._advantages(trajectories)))
+            lr = self.eval_inner_lrs[min(step, len(self.eval_inner_lrs) - 1)] if testing else self.inner_lr
             with torch.no_grad():
-                params, shared = self.inner_step(params, shared, data[-1], create_graph=False), False
+                params, shared = self.inner_step(params, shared, data[-1], create_graph=False, lr=lr), False
         return params, shared, data, returns
+
+    def _episodes(self, testing: bool) -> int:
+        return self.eval_episodes if testing else self.episodes
 
     def readapt(self, data: list[TaskData]) -> tuple[Params, bool]:
         """The adapted parameters as functions of the current meta-parameters, on fixed trajectories."""
@@ -311,8 +333,8 @@ class MAMLRL(MetaAlgorithm):
     def evaluate(self, batch: EnvTaskBatch) -> TaskScores:  # type: ignore[override]
         """Mean episode return of each task before adaptation and after each of `eval_inner_steps` steps."""
         steps = self.eval_inner_steps
-        adapted, shared, _, returns = self._adapt_all(batch, steps, purpose=1000)
-        final = self.sample(batch, adapted, shared, purpose=1000 + steps).task_returns()
+        adapted, shared, _, returns = self._adapt_all(batch, steps, purpose=1000, testing=True)
+        final = self.sample(batch, adapted, shared, purpose=1000 + steps, episodes=self.eval_episodes).task_returns()
         per_step = [*returns, final]
         extra = {f"return_step{k}": r for k, r in enumerate(per_step)}
         return TaskScores(loss=-final, loss_pre=-per_step[0], score=final, score_pre=per_step[0], extra=extra)
@@ -326,8 +348,8 @@ class MAMLRL(MetaAlgorithm):
         batch = tasks.sample(4, "test", generator)
         assert isinstance(batch, EnvTaskBatch)
         steps = self.eval_inner_steps
-        adapted, shared, data, _ = self._adapt_all(batch, steps, purpose=1000)
-        final = self.sample(batch, adapted, shared, purpose=1000 + steps)
+        adapted, shared, data, _ = self._adapt_all(batch, steps, purpose=1000, testing=True)
+        final = self.sample(batch, adapted, shared, purpose=1000 + steps, episodes=self.eval_episodes)
         rounds = [(d.observations, d.mask) for d in data]
         post = self.task_data(final, torch.zeros_like(final.rewards))
         rounds.append((post.observations, post.mask))

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -199,3 +200,31 @@ class MLPClassifier:
         x, y = self.minibatch(problem, step)
         logits = self.logits(theta, x)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+
+
+def omniglot_classifier(root: str, alphabets: int = 10, image_size: int = 28, cache_dir: str | None = None,
+                        **mlp_args: Any) -> MLPClassifier:
+    """Training an MLP on Omniglot drawings, the paper's MNIST experiment on data available here: the
+    drawings of the first `alphabets` alphabets of the background set (sorted by name), each labelled
+    with its alphabet, as `image_size`² inputs in [0, 1].
+
+    Args:
+        root: the folder holding Omniglot's archives (`images_background.zip` or its extracted folder).
+        alphabets: how many alphabets (classes), 1 … 30.
+        image_size: side of the square images.
+        cache_dir: where decoded images are cached (None: no cache).
+        **mlp_args: MLPClassifier's settings (hidden, wider, batch_size, activation, init_std).
+    """
+    from metalearn.data.omniglot import load_archive
+
+    images, characters = load_archive(Path(root).expanduser(), "background", image_size,
+                                      Path(cache_dir).expanduser() if cache_dir else None)
+    names = sorted({character.split("/", 1)[0] for character in characters})
+    if not 1 <= alphabets <= len(names):
+        raise ValueError(f"alphabets={alphabets}: must be between 1 and {len(names)} (the background set's)")
+    label_of = {name: i for i, name in enumerate(names[:alphabets])}
+    labels = [label_of.get(character.split("/", 1)[0], -1) for character in characters]
+    keep = torch.tensor([label >= 0 for label in labels])
+    x = images[keep].flatten(1).to(torch.float32) / 255.0
+    y = torch.tensor(labels)[keep]
+    return MLPClassifier(x, y, classes=alphabets, **mlp_args)

@@ -57,14 +57,20 @@ class Navigation2D:
     goal drawn uniformly from [goal_low, goal_high]^2. The observation is the position, the action a
     velocity clipped to [-max_action, max_action] per coordinate, the reward the negative Euclidean
     distance to the goal after the move; an episode ends within `success_radius` of the goal or after
-    `horizon` steps."""
+    `horizon` steps.
+
+    With `normalized_actions` the policy acts in [-1, 1] units, as in the paper's code (rllab's
+    `normalize` wrapper): the velocity is `max_action` times the action clipped to [-1, 1]. The units
+    matter to policy-gradient learners: a Gaussian policy's initial standard deviation and the inner
+    step size of MAML were tuned for them."""
 
     discrete = False
     observation_size = action_size = param_size = 2
     noise_size = 0
 
     def __init__(self, goal_low: float = -0.5, goal_high: float = 0.5, max_action: float = 0.1,
-                 success_radius: float = 0.01, horizon: int = 100, observe_goal: bool = False) -> None:
+                 success_radius: float = 0.01, horizon: int = 100, observe_goal: bool = False,
+                 normalized_actions: bool = False) -> None:
         if not goal_low < goal_high:
             raise ValueError(f"goal_low={goal_low}: must be below goal_high={goal_high}")
         if not (max_action > 0 and success_radius >= 0):
@@ -75,6 +81,9 @@ class Navigation2D:
         # The oracle of the paper sees the goal: observation (position, goal).
         self.observe_goal = observe_goal
         self.observation_size = 4 if observe_goal else 2
+        self.normalized_actions = normalized_actions
+        # The bound of the policy's actions (gymnasium's action space).
+        self.action_bound = 1.0 if normalized_actions else max_action
         self._position = self._goal = torch.zeros(0, 2)
 
     def sample_params(self, n: int, generator: torch.Generator) -> Tensor:
@@ -89,7 +98,11 @@ class Navigation2D:
         return self._observe()
 
     def step(self, action: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        self._position = self._position + action.clamp(-self.max_action, self.max_action)
+        if self.normalized_actions:
+            velocity = self.max_action * action.clamp(-1.0, 1.0)
+        else:
+            velocity = action.clamp(-self.max_action, self.max_action)
+        self._position = self._position + velocity
         distance = (self._position - self._goal).norm(dim=1)
         return self._observe(), -distance, distance < self.success_radius
 
@@ -138,7 +151,7 @@ class GymnasiumEnv(gymnasium.Env):  # type: ignore[type-arg]
         if family.discrete:
             self.action_space = gymnasium.spaces.Discrete(family.action_size)
         else:
-            bound = float(getattr(family, "max_action", 1.0))
+            bound = float(getattr(family, "action_bound", getattr(family, "max_action", 1.0)))
             self.action_space = gymnasium.spaces.Box(-bound, bound, (family.action_size,), dtype=np.float32)
         self.task = np.zeros(family.param_size, dtype=np.float32)
         self._t = 0

@@ -110,9 +110,30 @@ def test_short_run_on_navigation_adapts() -> None:
     assert trained.score.mean() > untrained.score.mean() + 5
 
 
+def test_evaluation_steps_follow_their_own_sizes_and_episodes() -> None:
+    """evaluate() takes its k-th step with eval_inner_lrs[k] (the last repeating) on eval_episodes
+    trajectories: the same as stepping by hand."""
+    tasks, algorithm = make(inner_lr=0.1, episodes=2, eval_episodes=3, eval_inner_steps=3, eval_inner_lrs=[0.5, 0.25])
+    batch = tasks.sample(2, "test", torch.Generator().manual_seed(4))
+    scores = algorithm.evaluate(batch)
+    params, shared = algorithm.policy_params(), True
+    for step, lr in enumerate((0.5, 0.25, 0.25)):
+        trajectories = algorithm.sample(batch, params, shared, 1000 + step, episodes=3)
+        assert trajectories.episodes == 3
+        torch.testing.assert_close(scores.extra[f"return_step{step}"], trajectories.task_returns())
+        data = algorithm.task_data(trajectories, algorithm._advantages(trajectories))
+        with torch.no_grad():
+            params, shared = algorithm.inner_step(params, shared, data, create_graph=False, lr=lr), False
+    final = algorithm.sample(batch, params, shared, 1003, episodes=3).task_returns()
+    torch.testing.assert_close(scores.score, final)
+    assert not torch.equal(scores.extra["return_step2"], scores.extra["return_step1"])
+
+
 def test_bad_settings_are_named() -> None:
     model = MLP(2, 2, hidden_sizes=[4])
     for kwargs, message in (({"outer": "adam"}, "outer='adam'"), ({"inner_steps": -1}, "inner_steps=-1"),
-                            ({"max_kl": 0.0}, "max_kl=0.0"), ({"gamma": 1.5}, "gamma=1.5")):
+                            ({"max_kl": 0.0}, "max_kl=0.0"), ({"gamma": 1.5}, "gamma=1.5"),
+                            ({"eval_inner_lrs": []}, r"eval_inner_lrs=\[\]"),
+                            ({"eval_episodes": 0}, "eval_episodes=0")):
         with pytest.raises(ValueError, match=message):
             MAMLRL(model, EnvTasks(Navigation2D()).objective, **kwargs)  # type: ignore[arg-type]

@@ -6,7 +6,9 @@ whose learned optimizer beats the untrained one and tuned SGD on held-out quadra
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metalearn.l2o.optimizer import LSTMOptimizer, UpdateRule
-from metalearn.l2o.problems import MLPClassifier, Quadratic, QuadraticProblem
+from metalearn.l2o.problems import MLPClassifier, Quadratic, QuadraticProblem, omniglot_classifier
 from metalearn.l2o.unroll import (
     SGD,
     Adam,
@@ -255,3 +257,18 @@ def test_longer_meta_training_at_the_papers_meta_learning_rate() -> None:
     print("mean final loss on held-out quadratics:", final)
     assert final["learned"] < final["untrained"] and final["learned"] < final["sgd"]
     assert final["learned"] < final["adam"]
+
+
+def test_omniglot_classifier_labels_drawings_by_alphabet(omniglot_root: Path, cache_dir: Path) -> None:
+    with zipfile.ZipFile(omniglot_root / "images_background.zip") as z:
+        drawings = [n.split("/")[1] for n in z.namelist() if n.endswith(".png")]
+    alphabets = sorted(set(drawings))[:3]
+    family = omniglot_classifier(str(omniglot_root), alphabets=3, image_size=14, cache_dir=str(cache_dir),
+                                 wider=True)
+    assert family.y.bincount().tolist() == [drawings.count(a) for a in alphabets]  # every drawing, by alphabet
+    assert family.x.shape == (len(family.y), 196) and 0 <= family.x.min() < family.x.max() <= 1
+    assert family.classes == 3 and family.hidden == 40  # wider: twice the paper's 20 hidden units
+    assert family.loss(family.sample(2, torch.Generator()), torch.zeros(2, family.n_params), 0).allclose(
+        torch.tensor(math.log(3)))  # zero weights: the uniform prediction
+    with pytest.raises(ValueError, match="alphabets=31"):
+        omniglot_classifier(str(omniglot_root), alphabets=31, image_size=14, cache_dir=str(cache_dir))

@@ -33,6 +33,18 @@ def test_navigation_steps_by_hand() -> None:
     torch.testing.assert_close(reward[0], torch.tensor(-math.hypot(0.35, 0.3)))
 
 
+def test_normalized_actions_are_scaled_to_the_velocity_bound() -> None:
+    env = Navigation2D(normalized_actions=True)
+    env.reset(torch.tensor([[0.3, -0.2]]), torch.zeros(1, dtype=torch.long))
+    # (0.5, -3.0) in [-1, 1] units: velocity (0.05, -0.1) (-3 clipped to -1, times max_action 0.1).
+    obs, reward, _ = env.step(torch.tensor([[0.5, -3.0]]), torch.zeros(1, 0))
+    torch.testing.assert_close(obs, torch.tensor([[0.05, -0.1]]))
+    torch.testing.assert_close(reward, torch.tensor([-math.hypot(0.25, 0.1)]))
+    space = gymnasium.make("metalearn/Navigation2D-v0", normalized_actions=True).action_space
+    assert float(space.high[0]) == 1.0 and float(gymnasium.make("metalearn/Navigation2D-v0").action_space.high[0]) \
+        == pytest.approx(0.1)
+
+
 def test_oracle_observes_the_goal() -> None:
     env = Navigation2D(observe_goal=True)
     obs = env.reset(torch.tensor([[0.3, -0.2]]), torch.zeros(1, dtype=torch.long))
