@@ -42,16 +42,17 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`; raise CheckpointError if it cannot be used."""
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu", key: str = "ckpt_path") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`; raise CheckpointError, naming the setting `key`
+    that gave the path, if it cannot be used."""
     if not path.is_file():
-        raise CheckpointError(f"ckpt_path={str(path)!r}: no such checkpoint file")
+        raise CheckpointError(f"{key}={str(path)!r}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as ex:  # torch raises a variety of errors for truncated or foreign files
-        raise CheckpointError(f"ckpt_path={str(path)!r}: unreadable checkpoint ({type(ex).__name__}: {ex})") from ex
+        raise CheckpointError(f"{key}={str(path)!r}: unreadable checkpoint ({type(ex).__name__}: {ex})") from ex
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"ckpt_path={str(path)!r}: not a metalearn checkpoint (format {FORMAT_VERSION})")
+        raise CheckpointError(f"{key}={str(path)!r}: not a metalearn checkpoint (format {FORMAT_VERSION})")
     return state
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -97,6 +98,58 @@ class InnerAdam:
         # finite and changes the value by at most 1e-15.
         direction = {name: (m[name] / c1) / (torch.sqrt((v[name] / c2).clamp_min(1e-30)) + self.eps) for name in grads}
         return sgd_step(params, direction, lr), (t, m, v)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not a POSIX system: no check
+        return 2**62
+
+
+def check_graph_fits(rule: nn.Module, coordinates: int, like: Tensor) -> None:
+    """Raise ValueError, before allocating, if one inner step of a coordinate-wise LSTM over `coordinates`
+    coordinates cannot keep its graph (about 11 values per hidden unit, layer and coordinate: gates,
+    activations, cell and hidden states) in the memory available on `like`'s device."""
+    hidden, layers = getattr(rule, "hidden", 0), getattr(rule, "layers", 0)
+    needed = coordinates * layers * hidden * 11 * like.element_size()
+    free = available_memory(like.device)
+    if needed > free:
+        raise ValueError(f"inner_optimizer: a learned {type(rule).__name__} over the model's {coordinates:,} "
+                         f"parameters needs about {needed / 2**30:.1f} GiB per inner step for its graph and "
+                         f"{free / 2**30:.1f} GiB are free; use a smaller model or a smaller optimizer")
+
+
+class InnerLearned:
+    """A learned update rule as the inner optimizer (e.g. metalearn.l2o.optimizer.LSTMOptimizer, the
+    coordinate-wise LSTM of Andrychowicz et al., 2016): the gradients of all parameters, flattened into
+    one vector of coordinates, go through the rule, and every parameter takes θ ← θ + update. The rule
+    sets the step size itself (`lr` is not used); its state carries over between inner steps."""
+
+    def __init__(self, rule: nn.Module) -> None:
+        if not (callable(getattr(rule, "initial_state", None)) and callable(getattr(rule, "step_unfused", None))):
+            raise ValueError(f"inner_optimizer: {type(rule).__name__} is not a learned update rule "
+                             "(initial_state and step_unfused, as metalearn.l2o.optimizer.LSTMOptimizer has)")
+        self.rule = rule
+        self._checked = False
+
+    def init(self, params: Mapping[str, Tensor]) -> Any:
+        first = next(iter(params.values()))
+        coordinates = sum(p.numel() for p in params.values())
+        if not self._checked:
+            check_graph_fits(self.rule, coordinates, first)
+            self._checked = True
+        return self.rule.initial_state(coordinates, first.dtype)
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate,
+             state: Any) -> tuple[Params, Any]:
+        flat = torch.cat([grads[name].reshape(-1) for name in params])
+        update, state = self.rule.step_unfused(flat, state)
+        parts = update.split([p.numel() for p in params.values()])
+        return {name: p + part.view_as(p) for (name, p), part in zip(params.items(), parts, strict=True)}, state
 
 
 def make_inner_optimizer(name: str, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from torch.func import grad, vmap
 
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import (
+    InnerLearned,
+    InnerOptimizer,
     LearningRate,
     Params,
     buffers_of,
@@ -30,10 +33,28 @@ from metalearn.algorithms.functional import (
     make_inner_optimizer,
     params_of,
 )
+from metalearn.checkpoint import CheckpointError, load_checkpoint
 from metalearn.checks import non_negative_float, positive_int
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
 from metalearn.tasks import Task, TaskBatch
+
+
+def load_update_rule(rule: nn.Module, path: Path) -> None:
+    """Load the weights of a learned optimizer trained by algorithm=l2o (its `model.*` entries) into
+    `rule`; a run directory means its best checkpoint."""
+    file = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    try:
+        state = load_checkpoint(file, key="inner_optimizer_checkpoint")["algorithm"]
+    except CheckpointError as ex:
+        raise ValueError(str(ex)) from ex
+    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
+    try:
+        rule.load_state_dict(weights)
+    except RuntimeError as ex:
+        first = str(ex).strip().splitlines()[0]
+        raise ValueError(f"inner_optimizer_checkpoint={str(path)!r}: not a learned optimizer of this shape "
+                         f"({first})") from ex
 
 
 def running_statistics(model: nn.Module) -> list[str]:
@@ -66,8 +87,13 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (defaults to `inner_steps`).
         first_order: treat inner gradients as constants (FOMAML).
-        inner_optimizer: `sgd` (the paper's) or `adam` (differentiable; `inner_betas`, `inner_eps`).
+        inner_optimizer: `sgd` (the paper's), `adam` (differentiable; `inner_betas`, `inner_eps`), or a
+            learned update rule (a module such as metalearn.l2o.optimizer.LSTMOptimizer): its weights are
+            meta-parameters, learned with the initialisation through the inner steps (`inner_lr` unused).
         inner_betas, inner_eps: Adam's moment decay rates and epsilon.
+        inner_optimizer_checkpoint: a learned optimizer's run (algorithm=l2o) or checkpoint file whose
+            weights the learned update rule starts from (a run directory: its best checkpoint).
+        learn_inner_optimizer: meta-learn the learned update rule's weights (false: keep them fixed).
         second_order_steps: differentiate only the first k inner steps to second order and treat the
             gradients of later steps as constants. Second-order memory grows with every
             differentiated step, so this bounds it (docs/performance.md). None: all steps.
@@ -86,9 +112,11 @@ class MAML(MetaAlgorithm):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
-        inner_optimizer: str = "sgd",
+        inner_optimizer: str | nn.Module = "sgd",
         inner_betas: Sequence[float] = (0.9, 0.999),
         inner_eps: float = 1e-8,
+        inner_optimizer_checkpoint: str | None = None,
+        learn_inner_optimizer: bool = True,
         second_order_steps: int | None = None,
         vectorize: bool | str = "auto",
     ) -> None:
@@ -99,7 +127,18 @@ class MAML(MetaAlgorithm):
             "eval_inner_steps", inner_steps if eval_inner_steps is None else eval_inner_steps
         )
         self.first_order = bool(first_order)
-        self.optimizer = make_inner_optimizer(inner_optimizer, inner_betas, inner_eps)
+        self.optimizer: InnerOptimizer
+        if isinstance(inner_optimizer, nn.Module):
+            self.optimizer = InnerLearned(inner_optimizer)
+            self.inner_rule = inner_optimizer  # a submodule: trained and checkpointed with the model
+            if inner_optimizer_checkpoint is not None:
+                load_update_rule(inner_optimizer, Path(inner_optimizer_checkpoint).expanduser())
+            inner_optimizer.requires_grad_(bool(learn_inner_optimizer))
+        else:
+            if inner_optimizer_checkpoint is not None:
+                raise ValueError(f"inner_optimizer_checkpoint={inner_optimizer_checkpoint!r}: needs a learned "
+                                 f"inner_optimizer (e.g. algorithm=maml_lstm), not {inner_optimizer!r}")
+            self.optimizer = make_inner_optimizer(inner_optimizer, inner_betas, inner_eps)
         self.second_order_steps = (None if second_order_steps is None
                                    else positive_int("second_order_steps", second_order_steps))
         self.vectorize = choose_vectorize(model, vectorize)

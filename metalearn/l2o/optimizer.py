@@ -15,6 +15,7 @@ import math
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The LSTM's (h, c), each [layers, coordinates, hidden].
@@ -111,7 +112,29 @@ class LSTMOptimizer(nn.Module):
         if grad.dtype != self.output.weight.dtype:
             raise ValueError(f"grad is {grad.dtype} but the optimizer's weights are {self.output.weight.dtype}: "
                              "convert one of them (e.g. `.double()`)")
-        x = preprocess(grad, self.preprocess_p) if self.preprocess else grad.unsqueeze(-1)
+        x = self._inputs(grad)
         out, (h, c) = self.lstm(x.unsqueeze(0), state)
         update = self.output(out[0]).squeeze(-1) * self.output_scale
         return update, (h, c)
+
+    def _inputs(self, grad: Tensor) -> Tensor:
+        return preprocess(grad, self.preprocess_p) if self.preprocess else grad.unsqueeze(-1)
+
+    def step_unfused(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """`forward` written with linear layers and elementwise gates instead of the fused LSTM kernel,
+        which `torch.func.vmap` cannot batch: the same update and state, for a learned optimizer inside a
+        vmapped inner loop (MAML's `inner_optimizer`). Slower than `forward` without gradients."""
+        h, c = state
+        x = self._inputs(grad)
+        hs, cs = [], []
+        for layer in range(self.layers):
+            gates = (F.linear(x, getattr(self.lstm, f"weight_ih_l{layer}"), getattr(self.lstm, f"bias_ih_l{layer}"))
+                     + F.linear(h[layer], getattr(self.lstm, f"weight_hh_l{layer}"),
+                                getattr(self.lstm, f"bias_hh_l{layer}")))
+            i, f, g, o = gates.chunk(4, dim=-1)  # nn.LSTM's gate order
+            cell = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+            x = torch.sigmoid(o) * torch.tanh(cell)
+            hs.append(x)
+            cs.append(cell)
+        update = self.output(x).squeeze(-1) * self.output_scale
+        return update, (torch.stack(hs), torch.stack(cs))

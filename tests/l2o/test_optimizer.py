@@ -73,3 +73,19 @@ def test_output_scale_multiplies_the_update() -> None:
     large.load_state_dict(small.state_dict())
     grad = torch.randn(6)
     torch.testing.assert_close(large(grad, large.initial_state(6))[0], 3 * small(grad, small.initial_state(6))[0])
+
+
+@pytest.mark.parametrize("use_preprocess", [True, False])
+def test_unfused_step_is_the_fused_step_and_vmaps(use_preprocess: bool) -> None:
+    torch.manual_seed(1)
+    opt = LSTMOptimizer(hidden=5, layers=2, preprocess=use_preprocess).double()
+    grads = torch.randn(3, 7, dtype=torch.float64)
+    state = unfused = opt.initial_state(7)
+    for grad in grads:  # several steps: the carried state agrees too
+        update, state = opt(grad, state)
+        update_unfused, unfused = opt.step_unfused(grad, unfused)
+        torch.testing.assert_close(update_unfused, update)
+        torch.testing.assert_close(unfused[1], state[1])
+    # torch.func.vmap runs through it (the fused kernel has no batching rule): a row per problem.
+    batched = torch.func.vmap(lambda g: opt.step_unfused(g, opt.initial_state(7))[0])(grads)
+    torch.testing.assert_close(batched, torch.stack([opt(g, opt.initial_state(7))[0] for g in grads]))
