@@ -133,7 +133,7 @@ class InnerLearned:
         if not (callable(getattr(rule, "initial_state", None)) and callable(getattr(rule, "step_unfused", None))):
             raise ValueError(f"inner_optimizer: {type(rule).__name__} is not a learned update rule "
                              "(initial_state and step_unfused, as metalearn.l2o.optimizer.LSTMOptimizer has)")
-        self.rule = rule
+        self.rule: Any = rule  # an nn.Module with the learned-rule methods checked above
         self._checked = False
 
     def init(self, params: Mapping[str, Tensor]) -> Any:
