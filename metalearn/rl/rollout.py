@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,10 +48,6 @@ class Trajectories:
     def task_returns(self) -> Tensor:
         """Mean undiscounted episode return of each task, [tasks]."""
         return self.returns().view(self.tasks, self.episodes).mean(1)
-
-    def to(self, device: torch.device | str) -> Trajectories:
-        return Trajectories(*(getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor)
-                              else getattr(self, f.name) for f in fields(self)))
 
 
 @dataclass(frozen=True)
