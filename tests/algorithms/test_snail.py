@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.snail import SNAIL, AttentionBlock, DenseBlock, SNAILNetwork, TCBlock
+from metalearn.algorithms.snail import SNAIL
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
+from metalearn.models.snail import AttentionBlock, DenseBlock, SNAILNetwork, TCBlock
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import TaskBatch
 from tests.algorithms.helpers import Fixed, learning_run, meta_grads, random_batch, tiny_episodes
