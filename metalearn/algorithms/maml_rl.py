@@ -247,16 +247,14 @@ class MAMLRL(MetaAlgorithm):
         params, shared = self.policy_params(), True
         data, returns = [], []
         for step in range(steps):
-            trajectories = self.sample(batch, params, shared, purpose + step, self._episodes(testing))
+            trajectories = self.sample(batch, params, shared, purpose + step,
+                                       self.eval_episodes if testing else self.episodes)
             returns.append(trajectories.task_returns())
             data.append(self.task_data(trajectories, self._advantages(trajectories)))
             lr = self.eval_inner_lrs[min(step, len(self.eval_inner_lrs) - 1)] if testing else self.inner_lr
             with torch.no_grad():
                 params, shared = self.inner_step(params, shared, data[-1], create_graph=False, lr=lr), False
         return params, shared, data, returns
-
-    def _episodes(self, testing: bool) -> int:
-        return self.eval_episodes if testing else self.episodes
 
     def readapt(self, data: list[TaskData]) -> tuple[Params, bool]:
         """The adapted parameters as functions of the current meta-parameters, on fixed trajectories."""
