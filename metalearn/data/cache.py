@@ -64,11 +64,18 @@ def cached(path: Path | None, build: Callable[[], dict[str, Any]]) -> dict[str, 
             (what `torch.load(weights_only=True)` accepts).
 
     Returns:
-        The built or loaded dict.
+        The built or loaded dict. A cache file that cannot be read (truncated, garbage, not a dict) is
+        built anew and replaced, with a warning naming it.
     """
     if path is not None and path.is_file():
-        loaded: dict[str, Any] = torch.load(path, weights_only=True)
-        return loaded
+        try:
+            loaded = torch.load(path, weights_only=True)
+        except Exception as ex:  # torn, truncated or foreign: whatever the failure, decoding anew mends it
+            loaded = ex
+        if isinstance(loaded, dict):
+            return loaded
+        reason = type(loaded).__name__ if isinstance(loaded, Exception) else f"it holds a {type(loaded).__name__}"
+        log.warning("Cache file %s cannot be read (%s); decoding the data anew and replacing it", path, reason)
     value = build()
     if path is not None:
         atomic_save(value, path)
