@@ -1,15 +1,20 @@
-"""Omniglot on the real archives: split sizes, disjoint splits, zip vs folder, caching, errors."""
+"""Omniglot on the real archives (split sizes, zip vs folder, caching) and on generated ones (changed and
+damaged archives and caches)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from metalearn.data.omniglot import Omniglot, load_archive
+from tests.data.fake_omniglot import drawing_value, make_fake_omniglot, png
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +115,87 @@ def test_download_true_fetches_missing_archives(omniglot_root: Path, tmp_path: P
     data = Omniglot(str(root), split="small1", download=True, mirror=omniglot_root.as_uri(), image_size=8)
     assert sorted(p.name for p in root.iterdir()) == ["images_background_small1.zip", "images_evaluation.zip"]
     assert data.splits["train"].num_classes == 136
+
+
+# Generated archives with every real character (two 6x6 drawings each): fast, and free to damage.
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fake_omniglot(tmp_path_factory.mktemp("fake_omniglot"))
+
+
+def fake(root: Path, **kwargs: object) -> Omniglot:
+    settings: dict = {"image_size": 6, "k_shot": 1, "k_query": 1, **kwargs}
+    return Omniglot(str(root), **settings)
+
+
+def rewrite(path: Path, write: Callable[[], object]) -> None:
+    """Rewrite `path` (same size) and make sure its modification time changes, even on a coarse clock."""
+    before = path.stat()
+    write()
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+
+def test_a_changed_archive_of_the_same_size_is_decoded_anew(tmp_path: Path) -> None:
+    root, cache = tmp_path / "omniglot", tmp_path / "cache"
+    make_fake_omniglot(root, archives=["small1"])
+    first, _ = load_archive(root, "small1", 6, cache)
+    rewrite(root / "images_background_small1.zip", lambda: make_fake_omniglot(root, archives=["small1"], variant=1))
+    second, _ = load_archive(root, "small1", 6, cache)
+    assert not torch.equal(first, second) and torch.equal(second, load_archive(root, "small1", 6, None)[0])
+    assert len(list(cache.glob("omniglot-small1-6px-*.pt"))) == 2
+
+
+def test_a_changed_drawing_in_an_extracted_folder_is_decoded_anew(tmp_path: Path) -> None:
+    make_fake_omniglot(tmp_path / "zips", archives=["small1"])
+    with zipfile.ZipFile(tmp_path / "zips" / "images_background_small1.zip") as archive:
+        archive.extractall(tmp_path / "omniglot")
+    first, _ = load_archive(tmp_path / "omniglot", "small1", 6, tmp_path / "cache")
+    drawing = sorted((tmp_path / "omniglot").glob("images_background_small1/*/*/*.png"))[0]
+    index = int(drawing.name.split("_")[0])
+    rewrite(drawing, lambda: drawing.write_bytes(png(index, 0, 6, variant=1)))
+    second, _ = load_archive(tmp_path / "omniglot", "small1", 6, tmp_path / "cache")
+    assert int(second[0, 0, 0, 0]) == 255 - drawing_value(index, 0, variant=1) != int(first[0, 0, 0, 0])
+
+
+def test_an_unreadable_cache_is_decoded_anew(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_fake_omniglot(tmp_path, archives=["small2"])
+    images, _ = load_archive(tmp_path, "small2", 6, tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("omniglot-small2-*.pt")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        again, _ = load_archive(tmp_path, "small2", 6, tmp_path / "cache")
+    assert torch.equal(images, again)
+    assert any(str(cache) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad member"])
+def test_a_damaged_archive_is_one_line_that_says_to_fetch_it_again(tmp_path: Path, damage: str) -> None:
+    root = make_fake_omniglot(tmp_path / "omniglot", archives=["background", "evaluation"])
+    archive = root / "images_evaluation.zip"
+    blob = bytearray(archive.read_bytes())
+    if damage == "truncated":  # an interrupted copy
+        del blob[len(blob) // 2:]
+    else:  # a flipped byte inside the first drawing: the zip's CRC check fails
+        start = blob.index(b"\x89PNG")
+        blob[start + 40] ^= 0xFF
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(ValueError) as raised:
+        fake(root, split="lake")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"root={str(root)!r}: {archive} is not a readable zip archive (truncated or corrupt")
+    assert message.endswith(f"delete it and fetch it again with `metalearn-data download omniglot --root {root}`")
+
+
+def test_an_unreadable_drawing_in_an_extracted_folder_is_named(tmp_path: Path) -> None:
+    make_fake_omniglot(tmp_path / "zips", archives=["small1"])
+    with zipfile.ZipFile(tmp_path / "zips" / "images_background_small1.zip") as archive:
+        archive.extractall(tmp_path / "omniglot")
+    drawing = sorted((tmp_path / "omniglot").glob("images_background_small1/*/*/*.png"))[3]
+    drawing.write_bytes(drawing.read_bytes()[:30])
+    with pytest.raises(ValueError, match=rf"^root='.*': {drawing} is not a readable PNG drawing \(truncated or "
+                                         r"corrupt.*\): delete .*images_background_small1 and extract or fetch it "
+                                         r"again"):
+        load_archive(tmp_path / "omniglot", "small1", 6, None)
