@@ -4,9 +4,13 @@ Split schemes:
     vinyals: the standard few-shot benchmark (Vinyals et al., 2016): 1028 / 172 / 423 characters from
         the background and evaluation sets together, each rotated by 0/90/180/270 degrees as a class of
         its own (4112 / 688 / 1692 classes).
-    lake: train on the 30 background alphabets, validate and test on the 20 evaluation alphabets (Lake's
-        protocol has no separate validation alphabets; validation and test episodes differ by seed).
-    small1, small2: the "minimal" setting: train on a 5-alphabet small background set, evaluate as lake.
+    lake: test on the 20 evaluation alphabets (659 characters) as in Lake et al.; validate on the five
+        background alphabets `LAKE_VAL_ALPHABETS` (151 characters) and train on the other 25 (813).
+        Lake's protocol has no validation alphabets, and choosing checkpoints on the test alphabets
+        would tune on test classes.
+    small1, small2: the "minimal" setting: train on a 5-alphabet small background set (136 / 156
+        characters), validate on the 25 background alphabets outside it (828 / 808), test as lake.
+No character is in two splits of any scheme.
 
 Decoded images are cached as uint8 tensors in `cache_dir`, so later starts load in about a second.
 """
@@ -43,6 +47,10 @@ ARCHIVES = {
 }
 SCHEMES = ("vinyals", "lake", "small1", "small2")
 CACHE_VERSION = 1
+# The lake scheme's validation alphabets: the last five of the 30 background alphabets in sorted order,
+# named rather than computed so that a partial copy of the data cannot shift the set.
+LAKE_VAL_ALPHABETS = ("Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)", "Tagalog",
+                      "Tifinagh")
 # What reading a damaged zip or decoding a damaged PNG raises (Pillow raises OSError, SyntaxError or ValueError).
 DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError, ValueError)
 
@@ -166,6 +174,36 @@ def _classes(images: torch.Tensor, characters: list[str], names: list[str]) -> C
     return ClassImages(torch.cat(parts), torch.cat(labels), names, groups)
 
 
+def _alphabet(name: str) -> str:
+    return name.split("/", 1)[0]
+
+
+def _scheme(root: Path, split: str, image_size: int, cache: Path | None) -> dict[Split, ClassImages]:
+    """The train, val and test classes of split scheme `split` (see the module docstring)."""
+    evaluation = load_archive(root, "evaluation", image_size, cache)
+    background = load_archive(root, "background", image_size, cache)
+    if split == "vinyals":
+        images = torch.cat([background[0], evaluation[0]])
+        characters = background[1] + evaluation[1]
+        return {s: _classes(images, characters, _vinyals_lines(s)) for s in ("train", "val", "test")}
+    test = _classes(*evaluation, sorted(set(evaluation[1])))
+    names = sorted(set(background[1]))
+    if split == "lake":
+        missing = sorted(set(LAKE_VAL_ALPHABETS) - {_alphabet(name) for name in names})
+        if missing:
+            raise ValueError(f"root={str(root)!r}: the background set lacks the alphabet {missing[0]}, which "
+                             f"split=lake validates on; fetch it again with "
+                             f"`metalearn-data download omniglot --root {root}`")
+        val = [name for name in names if _alphabet(name) in LAKE_VAL_ALPHABETS]
+        train = _classes(*background, [name for name in names if _alphabet(name) not in LAKE_VAL_ALPHABETS])
+    else:  # the small set trains; the background alphabets outside it validate
+        small = load_archive(root, split, image_size, cache)
+        held_in = {_alphabet(name) for name in small[1]}
+        val = [name for name in names if _alphabet(name) not in held_in]
+        train = _classes(*small, sorted(set(small[1])))
+    return {"train": train, "val": _classes(*background, val), "test": test}
+
+
 class Omniglot(EpisodeSampler):
     """Omniglot N-way K-shot episodes.
 
@@ -195,21 +233,11 @@ class Omniglot(EpisodeSampler):
         positive_int("image_size", image_size)
         base, cache = Path(root).expanduser(), Path(cache_dir).expanduser() if cache_dir else None
         if download:
-            needed = ("background", "evaluation") if split in ("vinyals", "lake") else (split, "evaluation")
+            needed = ("background", "evaluation", *((split,) if split.startswith("small") else ()))
             missing = [f"{ARCHIVES[a]}.zip" for a in needed
                        if not (base / f"{ARCHIVES[a]}.zip").is_file() and not (base / ARCHIVES[a]).is_dir()]
             if missing:
                 fetch_dataset("omniglot", base, mirror=mirror, only=missing)
-        evaluation = load_archive(base, "evaluation", image_size, cache)
-        splits: dict[Split, ClassImages]
-        if split == "vinyals":
-            background = load_archive(base, "background", image_size, cache)
-            images = torch.cat([background[0], evaluation[0]])
-            characters = background[1] + evaluation[1]
-            splits = {s: _classes(images, characters, _vinyals_lines(s)) for s in ("train", "val", "test")}
-        else:
-            train = load_archive(base, "background" if split == "lake" else split, image_size, cache)
-            test = _classes(*evaluation, sorted(set(evaluation[1])))
-            splits = {"train": _classes(*train, sorted(set(train[1]))), "val": test, "test": test}
+        splits = _scheme(base, split, image_size, cache)
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
                          within_group=within_alphabet, channels=channels, augment=augment)

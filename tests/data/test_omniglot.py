@@ -1,5 +1,5 @@
-"""Omniglot on the real archives (split sizes, zip vs folder, caching) and on generated ones (changed and
-damaged archives and caches)."""
+"""Omniglot on the real archives (split sizes, zip vs folder, caching) and on generated ones (what each split
+scheme trains, validates and tests on; changed and damaged archives and caches)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalearn.data.omniglot import Omniglot, load_archive
-from tests.data.fake_omniglot import drawing_value, make_fake_omniglot, png
+import metalearn.data.omniglot as omniglot_module
+from metalearn.data.omniglot import SCHEMES, Omniglot, load_archive
+from tests.data.fake_omniglot import (
+    BACKGROUND_ALPHABETS,
+    SMALL_ALPHABETS,
+    archive_characters,
+    drawing_value,
+    make_fake_omniglot,
+    png,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +64,14 @@ def test_episodes_from_real_omniglot(vinyals: Omniglot) -> None:
         assert not (torch.cdist(flat_s, flat_q) == 0).any()
 
 
-@pytest.mark.parametrize(("split", "train_classes"), [("lake", 964), ("small1", 136), ("small2", 156)])
-def test_other_schemes(omniglot_root: Path, cache_dir: Path, split: str, train_classes: int) -> None:
+@pytest.mark.parametrize(("split", "classes"), [("lake", (813, 151)), ("small1", (136, 828)), ("small2", (156, 808))])
+def test_other_schemes(omniglot_root: Path, cache_dir: Path, split: str, classes: tuple[int, int]) -> None:
     data = Omniglot(str(omniglot_root), split=split, cache_dir=str(cache_dir))
-    assert data.splits["train"].num_classes == train_classes
+    assert (data.splits["train"].num_classes, data.splits["val"].num_classes) == classes
     assert data.splits["test"].num_classes == 659
-    assert not set(data.splits["train"].class_names) & set(data.splits["test"].class_names)
+    names = {s: set(images.class_names) for s, images in data.splits.items()}
+    assert not names["train"] & names["val"] and not names["train"] & names["test"]
+    assert not names["val"] & names["test"]
 
 
 def test_extracted_folder_equals_zip(omniglot_root: Path, tmp_path: Path) -> None:
@@ -96,7 +106,8 @@ def test_bad_settings_are_named(omniglot_root: Path, cache_dir: Path) -> None:
 
 def test_lake_within_alphabet(omniglot_root: Path, cache_dir: Path) -> None:
     data = Omniglot(str(omniglot_root), split="lake", within_alphabet=True, n_way=20, cache_dir=str(cache_dir))
-    assert int(data.splits["train"].groups.max()) + 1 == 30 and int(data.splits["test"].groups.max()) + 1 == 20
+    groups = {s: int(images.groups.max()) + 1 for s, images in data.splits.items()}
+    assert groups == {"train": 25, "val": 5, "test": 20}
     test = data.splits["test"]
     batch = data.sample(20, "test", torch.Generator().manual_seed(0))
     for task in batch:
@@ -108,16 +119,21 @@ def test_lake_within_alphabet(omniglot_root: Path, cache_dir: Path) -> None:
 
 
 def test_download_true_fetches_missing_archives(omniglot_root: Path, tmp_path: Path) -> None:
-    """dataset.download=true fetches exactly the missing archives (from a file:// mirror here) and loads them."""
-    root = tmp_path / "omniglot"
-    root.mkdir()
-    shutil.copy(omniglot_root / "images_evaluation.zip", root)
-    data = Omniglot(str(root), split="small1", download=True, mirror=omniglot_root.as_uri(), image_size=8)
-    assert sorted(p.name for p in root.iterdir()) == ["images_background_small1.zip", "images_evaluation.zip"]
-    assert data.splits["train"].num_classes == 136
+    """dataset.download=true fetches exactly the missing archives (the real small set, checksummed, from a
+    file:// mirror here) and loads them; generated background and evaluation sets are already there."""
+    root = make_fake_omniglot(tmp_path / "omniglot", archives=["background", "evaluation"], size=8)
+    data = Omniglot(str(root), split="small1", download=True, mirror=omniglot_root.as_uri(), image_size=8,
+                    k_query=1)
+    assert sorted(p.name for p in root.iterdir()) == ["images_background.zip", "images_background_small1.zip",
+                                                      "images_evaluation.zip"]
+    assert data.splits["train"].num_classes == 136 and data.splits["val"].num_classes == 828
 
 
 # Generated archives with every real character (two 6x6 drawings each): fast, and free to damage.
+
+LAKE_VAL_ALPHABETS = {"Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)", "Tagalog",
+                      "Tifinagh"}  # the last five background alphabets in sorted order, as docs/data.md says
+
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -127,6 +143,51 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake(root: Path, **kwargs: object) -> Omniglot:
     settings: dict = {"image_size": 6, "k_shot": 1, "k_query": 1, **kwargs}
     return Omniglot(str(root), **settings)
+
+
+def alphabets(names: list[str]) -> set[str]:
+    return {name.split("/", 1)[0] for name in names}
+
+
+@pytest.mark.parametrize("split", SCHEMES)
+def test_no_character_is_in_two_splits(fake_root: Path, split: str) -> None:
+    data = fake(fake_root, split=split)
+    characters = {s: {name.rsplit("/rot", 1)[0] for name in images.class_names} for s, images in data.splits.items()}
+    assert not characters["val"] & characters["test"], "validation must not choose checkpoints on test classes"
+    assert not characters["train"] & characters["val"] and not characters["train"] & characters["test"]
+    if split != "vinyals":  # the other schemes split by alphabet
+        found = {s: alphabets(images.class_names) for s, images in data.splits.items()}
+        assert not found["val"] & found["test"] and not found["train"] & (found["val"] | found["test"])
+
+
+@pytest.mark.parametrize(("split", "classes"), [("lake", (813, 151, 659)), ("small1", (136, 828, 659)),
+                                                ("small2", (156, 808, 659))])
+def test_what_each_scheme_trains_validates_and_tests_on(fake_root: Path, split: str,
+                                                        classes: tuple[int, int, int]) -> None:
+    data = fake(fake_root, split=split)
+    assert tuple(data.splits[s].num_classes for s in ("train", "val", "test")) == classes
+    found = {s: alphabets(images.class_names) for s, images in data.splits.items()}
+    background = set(BACKGROUND_ALPHABETS)
+    assert found["test"] == alphabets(archive_characters("evaluation")) and len(found["test"]) == 20
+    if split == "lake":
+        assert found["val"] == LAKE_VAL_ALPHABETS and found["train"] == background - LAKE_VAL_ALPHABETS
+    else:
+        assert found["train"] == set(SMALL_ALPHABETS[split]) and found["val"] == background - found["train"]
+
+
+def test_download_true_fetches_the_background_set_for_the_small_schemes(
+        fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    requested: list[str] = []
+
+    def fetch(name: str, root: Path, *, mirror: str | None, only: list[str]) -> list[Path]:
+        requested.extend(only)
+        for file in only:
+            shutil.copy(fake_root / file, root / file)
+        return [root / file for file in only]
+
+    monkeypatch.setattr(omniglot_module, "fetch_dataset", fetch)
+    fake(tmp_path, split="small2", download=True)
+    assert sorted(requested) == ["images_background.zip", "images_background_small2.zip", "images_evaluation.zip"]
 
 
 def rewrite(path: Path, write: Callable[[], object]) -> None:
