@@ -14,9 +14,11 @@ decode all 60,000 images once and cache them as uint8 in `cache_dir`; CIFAR-FS a
 
 from __future__ import annotations
 
+import gzip
 import logging
 import pickle
 import tarfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -29,7 +31,7 @@ from metalearn.checks import positive_int
 from metalearn.data.augment import Augment
 from metalearn.data.cache import cache_path, cached, file_identity
 from metalearn.data.episodes import ClassImages, EpisodeSampler
-from metalearn.data.folder import to_array
+from metalearn.data.folder import damage_reason, to_array
 from metalearn.tasks import SPLITS, Split
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ ARCHIVE = "cifar-100-python.tar.gz"
 FOLDER = "cifar-100-python"
 PICKLES = ("train", "test", "meta")
 CACHE_VERSION = 1
+# What a truncated or corrupt tar.gz or pickle raises (a tampered pickle: _RefusedPickle).
+DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, pickle.UnpicklingError)
 
 # CIFAR-FS split of Bertinetto et al. (2019), from tristandeleu/pytorch-meta
 # torchmeta/datasets/assets/cifar100/cifar-fs/{train,val,test}.json (commit ac3c48e5889645a2d05dd9a13b35aa2d986c0bec);
@@ -76,6 +80,10 @@ FC100_SUPERCLASSES: dict[Split, tuple[str, ...]] = {
 }
 
 
+class _RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for something other than the plain data the CIFAR pickles hold."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only what the CIFAR pickles hold (dicts, lists, bytes, numpy arrays), so that a tampered
     archive cannot run code the way an unrestricted `pickle.load` would let it."""
@@ -87,7 +95,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-100 pickle")
+            raise _RefusedPickle(f"{module}.{name} is not allowed in a CIFAR-100 pickle")
         return super().find_class(module, name)
 
 
@@ -105,34 +113,49 @@ def cifar100_source(root: Path) -> Path:
                             f"`metalearn-data download cifar100 --root {root}`")
 
 
-def _read_pickles(source: Path) -> dict[str, dict[bytes, Any]]:
-    """The `train`, `test` and `meta` pickles, read from the extracted folder or streamed from the tar.gz."""
+def _read_pickles(root: Path, source: Path) -> dict[str, dict[bytes, Any]]:
+    """The `train`, `test` and `meta` pickles, read from the extracted folder or streamed from the tar.gz; a
+    damaged archive or pickle is a one-line ValueError that names it and says how to fetch it again."""
+    fetch = f"`metalearn-data download cifar100 --root {root}`"
     pickles: dict[str, dict[bytes, Any]] = {}
     if source.is_dir():
         for name in PICKLES:
-            with (source / name).open("rb") as f:
-                pickles[name] = _load_pickle(f)
+            with (source / name).open("rb") as f:  # outside the try: a missing file is not a damaged one
+                try:
+                    pickles[name] = _load_pickle(f)
+                except DAMAGED as ex:
+                    raise ValueError(f"root={str(root)!r}: {source / name} is not a readable CIFAR-100 pickle "
+                                     f"({_why(ex)}): delete {source} and fetch the archive again with {fetch}") from ex
         return pickles
-    with tarfile.open(source, "r|gz") as tar:  # a stream: one pass over the gzip, no seeking back
-        for member in tar:
-            folder, _, name = member.name.rpartition("/")
-            stream = tar.extractfile(member) if folder == FOLDER and name in PICKLES else None
-            if stream is not None:
-                pickles[name] = _load_pickle(stream)
+    try:
+        with tarfile.open(source, "r|gz") as tar:  # a stream: one pass over the gzip, no seeking back
+            for member in tar:
+                folder, _, name = member.name.rpartition("/")
+                stream = tar.extractfile(member) if folder == FOLDER and name in PICKLES else None
+                if stream is not None:
+                    pickles[name] = _load_pickle(stream)
+    except DAMAGED as ex:
+        raise ValueError(f"root={str(root)!r}: {source} is not a readable CIFAR-100 archive ({_why(ex)}): "
+                         f"delete it and fetch it again with {fetch}") from ex
     missing = [f"{FOLDER}/{name}" for name in PICKLES if name not in pickles]
     if missing:
         raise ValueError(f"{source}: not the CIFAR-100 python archive (no {', '.join(missing)} in it)")
     return pickles
 
 
+def _why(ex: BaseException) -> str:
+    """Why a pickle or archive cannot be read: the refusal itself, or what a damaged file raised."""
+    return str(ex) if isinstance(ex, _RefusedPickle) else damage_reason(ex)
+
+
 def _names(values: list[bytes | str]) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
-def _decode(source: Path, image_size: int) -> dict[str, Any]:
+def _decode(root: Path, source: Path, image_size: int) -> dict[str, Any]:
     """All 60,000 images as uint8 [N, 3, S, S] with fine and coarse labels and both label name lists."""
     log.info("Decoding CIFAR-100 from %s", source)
-    pickles = _read_pickles(source)
+    pickles = _read_pickles(root, source)
     parts = [pickles[name] for name in ("train", "test")]
     # Each row holds the red, then green, then blue 32x32 plane, row-major: exactly [3, 32, 32].
     pixels = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
@@ -163,7 +186,7 @@ def load_cifar100(root: Path, image_size: int = 32, cache_dir: Path | None = Non
     source = cifar100_source(root)
     files = [source / name for name in PICKLES] if source.is_dir() else [source]
     cache = cache_path(cache_dir, f"cifar100-{image_size}px-v{CACHE_VERSION}", (image_size, file_identity(files)))
-    return cached(cache, lambda: _decode(source, image_size))
+    return cached(cache, lambda: _decode(root, source, image_size))
 
 
 def select_classes(data: dict[str, Any], class_names: Sequence[str]) -> ClassImages:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from metalearn.checks import positive_int
 from metalearn.data.augment import Augment
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 MODES = {1: "L", 3: "RGB"}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 CACHE_VERSION = 1
+# What Pillow raises for a file it cannot decode ("cannot identify", "image file is truncated": OSErrors).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error)
 Rows = list[tuple[str, str]]  # (image path relative to the dataset root, class name)
 
 
@@ -53,8 +56,23 @@ def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     return array[np.newaxis] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def _decode(path: Path, image_size: int, channels: int) -> np.ndarray:
-    with Image.open(path) as image:
+def damage_reason(ex: BaseException) -> str:
+    """`truncated or corrupt: <first line of the error>`, for one-line messages about a damaged file.
+
+    Args:
+        ex: what reading or decoding the file raised.
+
+    Returns:
+        The reason, without line breaks.
+    """
+    if isinstance(ex, UnidentifiedImageError):  # its message names the file (or an in-memory buffer) again
+        return "truncated or corrupt: not an image file Pillow recognises"
+    detail = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
+    return f"truncated or corrupt: {detail}"
+
+
+def _decode(file: IO[bytes], image_size: int, channels: int) -> np.ndarray:
+    with Image.open(file) as image:
         # JPEGs are decoded at a reduced scale (still >= image_size) when that is possible: several
         # times faster for mini-ImageNet's ~500px photos, and Lanczos resizing follows anyway.
         image.draft(MODES[channels], (image_size, image_size))
@@ -139,7 +157,12 @@ def load_split(root: Path, rows: Rows, origin: str, *, image_size: int, channels
         images = torch.empty(len(rows), channels, image_size, image_size, dtype=torch.uint8)
         pixels = images.numpy()  # filled in place: no second copy of a large split
         for i, (path, _) in enumerate(rows):
-            pixels[i] = _decode(absolute / path, image_size, channels)
+            with (absolute / path).open("rb") as f:  # outside the try: a missing or unreadable file is no damage
+                try:
+                    pixels[i] = _decode(f, image_size, channels)
+                except IMAGE_ERRORS as ex:
+                    raise ValueError(f"root={str(root)!r}: {root / path} is not a readable image "
+                                     f"({damage_reason(ex)}): replace it with a good copy") from ex
         labels = torch.tensor([index[label] for _, label in rows], dtype=torch.int64)
         return {"images": images, "labels": labels, "class_names": class_names}
 

@@ -21,20 +21,20 @@ import io
 import logging
 import os
 import zipfile
-import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from metalearn.checks import one_of, positive_int
 from metalearn.data.augment import Augment
 from metalearn.data.cache import cache_path, cached, file_identity
 from metalearn.data.download import download as fetch_dataset
 from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.folder import IMAGE_ERRORS, damage_reason
 from metalearn.tasks import Split
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ CACHE_VERSION = 1
 # named rather than computed so that a partial copy of the data cannot shift the set.
 LAKE_VAL_ALPHABETS = ("Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)", "Tagalog",
                       "Tifinagh")
-# What reading a damaged zip or decoding a damaged PNG raises (Pillow raises OSError, SyntaxError or ValueError).
-DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError, ValueError)
+# What reading a damaged zip or decoding a damaged PNG raises.
+DAMAGED = (zipfile.BadZipFile, EOFError, *IMAGE_ERRORS)
 
 
 def _source(root: Path, archive: str) -> Path:
@@ -83,14 +83,6 @@ def _folder_drawings(folder: Path) -> list[tuple[str, int, int]]:
     return sorted(found)
 
 
-def _reason(ex: BaseException) -> str:
-    """`truncated or corrupt: <first line of the error>`, for one-line messages about a damaged file."""
-    if isinstance(ex, UnidentifiedImageError):  # its message names an in-memory buffer, not the file
-        return "truncated or corrupt: not a PNG image"
-    detail = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-    return f"truncated or corrupt: {detail}"
-
-
 def _decode(png: bytes, image_size: int) -> np.ndarray:
     """105x105 binary drawing -> image_size^2 uint8 with bright strokes on a dark background."""
     with Image.open(io.BytesIO(png)) as image:
@@ -110,8 +102,8 @@ def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[
             try:
                 arrays.append(_decode(png, image_size))
             except DAMAGED as ex:
-                raise ValueError(f"root={str(root)!r}: {path} is not a readable PNG drawing ({_reason(ex)}): delete "
-                                 f"{source} and extract or fetch it again with {fetch}") from ex
+                raise ValueError(f"root={str(root)!r}: {path} is not a readable PNG drawing ({damage_reason(ex)}): "
+                                 f"delete {source} and extract or fetch it again with {fetch}") from ex
             characters.append(Path(path).relative_to(source).parent.as_posix())
     else:
         with source.open("rb") as f:
@@ -121,8 +113,8 @@ def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[
                         arrays.append(_decode(z.read(entry), image_size))
                         characters.append(entry.split("/", 1)[1].rsplit("/", 1)[0])
             except DAMAGED as ex:
-                raise ValueError(f"root={str(root)!r}: {source} is not a readable zip archive ({_reason(ex)}): "
-                                 f"delete it and fetch it again with {fetch}") from ex
+                raise ValueError(f"root={str(root)!r}: {source} is not a readable zip archive "
+                                 f"({damage_reason(ex)}): delete it and fetch it again with {fetch}") from ex
     return {"images": torch.from_numpy(np.stack(arrays)).unsqueeze(1), "characters": characters}
 
 

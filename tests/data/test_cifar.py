@@ -82,7 +82,7 @@ def test_cache_is_shared_by_cifar_fs_and_fc100(root: Path, tmp_path: Path, monke
     first = CIFARFS(str(root), k_query=2, cache_dir=str(tmp_path))
     (cache,) = tmp_path.glob("cifar100-32px-v1-*.pt")
     stamp = cache.stat().st_mtime_ns
-    monkeypatch.setattr(cifar_module, "_read_pickles", lambda source: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(cifar_module, "_read_pickles", lambda *args: pytest.fail("decoded although cached"))
     again = CIFARFS(str(root), k_query=2, cache_dir=str(tmp_path))
     FC100(str(root), k_query=2, cache_dir=str(tmp_path))
     assert torch.equal(first.splits["val"].images, again.splits["val"].images)
@@ -113,5 +113,31 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
 
     folder = make_fake_cifar100(tmp_path, extracted=True)
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": Exploit()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="system is not allowed in a CIFAR-100 pickle"):
+    with pytest.raises(ValueError, match=rf"^root='{tmp_path}': {folder / 'meta'} is not a readable CIFAR-100 pickle "
+                                         r"\(.*system is not allowed in a CIFAR-100 pickle\): delete"):
         load_cifar100(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped byte"])
+def test_a_damaged_archive_is_one_line_that_says_to_fetch_it_again(tmp_path: Path, damage: str) -> None:
+    archive = make_fake_cifar100(tmp_path)
+    blob = archive.read_bytes()
+    archive.write_bytes({"truncated": blob[: len(blob) // 2], "garbage": bytes(range(256)) * 20,
+                         "flipped byte": blob[:1000] + bytes([blob[1000] ^ 0xFF]) + blob[1001:]}[damage])
+    with pytest.raises(ValueError) as raised:
+        CIFARFS(str(tmp_path), k_query=2)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"root={str(tmp_path)!r}: {archive} is not a readable CIFAR-100 archive (truncated or "
+                              "corrupt: ")
+    assert message.endswith(f"): delete it and fetch it again with "
+                            f"`metalearn-data download cifar100 --root {tmp_path}`")
+
+
+def test_a_damaged_pickle_in_the_extracted_folder_is_named(tmp_path: Path) -> None:
+    folder = make_fake_cifar100(tmp_path, extracted=True)
+    (folder / "train").write_bytes((folder / "train").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=rf"^root='{tmp_path}': {folder / 'train'} is not a readable CIFAR-100 pickle "
+                                         rf"\(truncated or corrupt: .*\): delete {folder} and fetch the archive again "
+                                         r"with `metalearn-data download cifar100"):
+        FC100(str(tmp_path), k_query=2)

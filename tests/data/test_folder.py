@@ -122,3 +122,16 @@ def test_bad_settings_are_named(folders: Path) -> None:
         folder(folders, n_way=4)
     with pytest.raises(ValueError, match="lists no images"):
         load_split(folders, [], "empty.csv", image_size=4, channels=3, cache_dir=None, name="x")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
+    root = make_fake_image_folder(tmp_path, classes_per_split=(3, 3, 3), images_per_class=2)
+    image = root / "val" / "class04" / "001.png"
+    image.write_bytes(image.read_bytes()[:40] if damage == "truncated" else b"not an image at all")
+    with pytest.raises(ValueError) as raised:
+        folder(root, k_query=1)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"root={str(root)!r}: {image} is not a readable image (truncated or corrupt")
+    assert message.endswith("): replace it with a good copy")

@@ -98,3 +98,12 @@ def test_shipped_ravi_split() -> None:
     assert [len(c) for c in classes.values()] == [64, 16, 20]
     assert not classes["train"] & classes["val"] and not classes["train"] & classes["test"]
     assert not classes["val"] & classes["test"]
+
+
+def test_a_truncated_photo_is_one_line_naming_it(tmp_path: Path) -> None:
+    split_dir = make_fake_miniimagenet(tmp_path, classes_per_split=(2, 2, 2), images_per_class=3, size=16)
+    photo = tmp_path / "images" / f"{wnid(1)}00000003.jpg"
+    photo.write_bytes(photo.read_bytes()[:200])
+    with pytest.raises(ValueError, match=rf"^root='{tmp_path}': {photo} is not a readable image \(truncated or "
+                                         r"corrupt: .*\): replace it with a good copy$"):
+        MiniImageNet(str(tmp_path), n_way=2, k_shot=1, k_query=1, image_size=4, split_dir=str(split_dir))
