@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -115,6 +115,22 @@ def folder_rows(root: Path, split_dir: str) -> Rows:
     return rows
 
 
+def check_disjoint(rows: Mapping[str, Rows], key: str) -> None:
+    """Raise a one-line ValueError naming `key` and a class that two split sources share.
+
+    Args:
+        rows: the rows of each distinct split source (a folder or CSV), keyed by its name for messages.
+        key: the setting that chose the sources, as `name=value` (e.g. `csv_dir='splits'`).
+    """
+    seen: dict[str, str] = {}
+    for origin, source_rows in rows.items():
+        for label in sorted({label for _, label in source_rows}):
+            if label in seen:
+                raise ValueError(f"{key}: class {label!r} is in both {seen[label]} and {origin}; a class must be in "
+                                 f"one split only, or validation and test would score classes seen before")
+            seen[label] = origin
+
+
 def _identity(root: Path, rows: Rows, origin: str) -> list[tuple[str, int, int]]:
     """The files' identity for the cache key; a clear FileNotFoundError naming a missing file."""
     files = [root / path for path, _ in rows]
@@ -181,7 +197,8 @@ class ImageFolder(EpisodeSampler):
         channels: 1 (grayscale) or 3 (RGB).
         cache_dir: where decoded images are cached (None: no cache).
         split_dirs: the folders (or, with `csv_dir`, the CSV file stems) of the train, val and test
-            splits; name one folder twice to use it for two splits (e.g. `[train, test, test]`).
+            splits; name one folder twice to use it for two splits (e.g. `[train, test, test]`). Different
+            folders must not share a class.
         csv_dir: folder of `<split>.csv` files (`filename,label`), relative to `root` unless absolute.
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
@@ -200,11 +217,12 @@ class ImageFolder(EpisodeSampler):
             raise ValueError(f"split_dirs={names!r}: must name the train, val and test folders (three names)")
         base = Path(root).expanduser()
         cache = Path(cache_dir).expanduser() if cache_dir else None
-        loaded: dict[str, ClassImages] = {}
-        for name in dict.fromkeys(names):
-            rows, origin = self._rows(base, name, names, csv_dir)
-            loaded[name] = load_split(base, rows, origin, image_size=image_size, channels=channels,
-                                      cache_dir=cache, name=f"imagefolder-{name}")
+        # A folder (or CSV) named twice serves two splits on purpose; two different ones may share no class.
+        sources = {name: self._rows(base, name, names, csv_dir) for name in dict.fromkeys(names)}
+        key = f"csv_dir={csv_dir!r}" if csv_dir is not None else f"root={str(base)!r}"
+        check_disjoint({origin: rows for rows, origin in sources.values()}, key)
+        loaded = {name: load_split(base, rows, origin, image_size=image_size, channels=channels, cache_dir=cache,
+                                   name=f"imagefolder-{name}") for name, (rows, origin) in sources.items()}
         splits: dict[Split, ClassImages] = {split: loaded[name] for split, name in zip(SPLITS, names)}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
                          channels=channels, augment=augment)

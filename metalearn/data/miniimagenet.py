@@ -19,7 +19,7 @@ from metalearn.checks import positive_int
 from metalearn.data.augment import Augment
 from metalearn.data.download import miniimagenet_layout
 from metalearn.data.episodes import ClassImages, EpisodeSampler
-from metalearn.data.folder import check_channels, load_split, read_csv_rows
+from metalearn.data.folder import Rows, check_channels, check_disjoint, load_split, read_csv_rows
 from metalearn.tasks import SPLITS, Split
 
 RAVI_SPLIT = ("splits", "miniimagenet_ravi")
@@ -54,7 +54,8 @@ class MiniImageNet(EpisodeSampler):
         cache_dir: where decoded images are cached (None: no cache). Decoding 60,000 photos takes
             minutes; loading the cache takes seconds.
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
-        split_dir: a folder of `train.csv`, `val.csv` and `test.csv` to use instead of the shipped split.
+        split_dir: a folder of `train.csv`, `val.csv` and `test.csv` to use instead of the shipped split
+            (no class may be in two of them).
         channels: 3 (RGB, standard) or 1 (converted to grayscale).
         augment: random augmentation of training episodes (`conf/dataset/augment/`); None: none.
     """
@@ -73,10 +74,14 @@ class MiniImageNet(EpisodeSampler):
             where = f" (here the CSVs in split_dir={str(csvs)!r})" if csvs else ""
             raise FileNotFoundError(f"root={str(base)!r}: no images/ folder there. {miniimagenet_layout(base)}{where}")
         cache = Path(cache_dir).expanduser() if cache_dir else None
-        splits: dict[Split, ClassImages] = {}
+        sources: dict[Split, tuple[Rows, str]] = {}
         for split in SPLITS:
             text, origin = split_csv(split, csvs)
-            splits[split] = load_split(base, read_csv_rows(text, origin), origin, image_size=image_size,
-                                       channels=channels, cache_dir=cache, name=f"miniimagenet-{split}")
+            sources[split] = (read_csv_rows(text, origin), origin)
+        check_disjoint({origin: rows for rows, origin in sources.values()},
+                       f"split_dir={str(csvs)!r}" if csvs else "split_dir=None")
+        splits: dict[Split, ClassImages] = {
+            split: load_split(base, rows, origin, image_size=image_size, channels=channels, cache_dir=cache,
+                              name=f"miniimagenet-{split}") for split, (rows, origin) in sources.items()}
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
                          channels=channels, augment=augment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,20 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path: Path, damage: str) 
     assert "\n" not in message
     assert message.startswith(f"root={str(root)!r}: {image} is not a readable image (truncated or corrupt")
     assert message.endswith("): replace it with a good copy")
+
+
+def test_a_class_in_two_split_folders_is_rejected(tmp_path: Path) -> None:
+    root = make_fake_image_folder(tmp_path, classes_per_split=(3, 3, 3), images_per_class=2)
+    shutil.copytree(root / "train" / "class01", root / "test" / "class01")
+    with pytest.raises(ValueError, match=rf"^root='{root}': class 'class01' is in both {root / 'train'} and "
+                                         rf"{root / 'test'}; a class must be in one split only"):
+        folder(root, k_query=1)
+
+
+def test_a_class_in_two_split_csvs_is_rejected(tmp_path: Path) -> None:
+    root = make_fake_image_folder(tmp_path, classes_per_split=(3, 3, 3), images_per_class=2, csv=True)
+    val = root / "splits" / "val.csv"
+    val.write_text(val.read_text() + "class00_000.png,class00\nclass00_001.png,class00\n")  # a train class
+    with pytest.raises(ValueError, match=rf"^csv_dir='splits': class 'class00' is in both "
+                                         rf"{root / 'splits' / 'train.csv'} and {val}; a class must be in one split"):
+        folder(root, k_query=1, csv_dir="splits")

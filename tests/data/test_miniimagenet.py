@@ -107,3 +107,12 @@ def test_a_truncated_photo_is_one_line_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"^root='{tmp_path}': {photo} is not a readable image \(truncated or "
                                          r"corrupt: .*\): replace it with a good copy$"):
         MiniImageNet(str(tmp_path), n_way=2, k_shot=1, k_query=1, image_size=4, split_dir=str(split_dir))
+
+
+def test_a_class_in_two_split_csvs_is_rejected(tmp_path: Path) -> None:
+    split_dir = make_fake_miniimagenet(tmp_path, classes_per_split=(2, 2, 2), images_per_class=3, size=4)
+    test = split_dir / "test.csv"
+    test.write_text(test.read_text() + "".join(f"{wnid(1)}0000000{i}.jpg,{wnid(1)}\n" for i in (1, 2)))  # a train class
+    with pytest.raises(ValueError, match=rf"^split_dir='{split_dir}': class '{wnid(1)}' is in both "
+                                         rf"{split_dir / 'train.csv'} and {test}; a class must be in one split only"):
+        MiniImageNet(str(tmp_path), n_way=2, k_shot=1, k_query=1, image_size=4, split_dir=str(split_dir))
