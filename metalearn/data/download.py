@@ -296,3 +296,7 @@ def main(argv: Sequence[str] | None = None, *, registry: Mapping[str, Dataset] =
         return 2
     print(f"{args.name}: {len(entry.files)} files verified in {args.root}")
     return 0
+
+
+if __name__ == "__main__":  # `python -m metalearn.data.download`: the same command, the same exit status
+    sys.exit(main())

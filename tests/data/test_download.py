@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -296,3 +298,12 @@ def test_registry_matches_the_byte_exact_small_omniglot_archives(name: str) -> N
     path = DATA_DIR / "omniglot" / name
     file = next(f for f in DATASETS["omniglot"].files if f.filename == name)
     assert digest(path, file.algorithm) == file.checksum
+
+
+def test_python_m_runs_the_cli_and_exits_with_its_status(tmp_path: Path) -> None:
+    """`python -m metalearn.data.download` is the CLI too: an error is one line and exit status 2, not a silent 0."""
+    root = tmp_path / "miniimagenet"
+    done = subprocess.run([sys.executable, "-m", "metalearn.data.download", "download", "miniimagenet", "--root",
+                           str(root)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: {miniimagenet_layout(root)}\n"
