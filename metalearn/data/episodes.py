@@ -58,6 +58,15 @@ class ClassImages:
         return self.images.shape[0]
 
 
+def _ways(name: str, value: int) -> int:
+    """Return `value` if it is an integer >= 2, else raise ValueError naming it: a 1-way episode has one
+    possible answer, so its accuracy is always 100% and says nothing."""
+    if positive_int(name, value) < 2:
+        raise ValueError(f"{name}={value!r}: classification needs at least 2 ways (a 1-way episode is always "
+                         f"answered right)")
+    return value
+
+
 class EpisodeSampler:
     """Draws N-way K-shot Q-query classification episodes from per-split image collections.
 
@@ -82,9 +91,9 @@ class EpisodeSampler:
         train_n_way: int | None = None, train_k_shot: int | None = None, train_k_query: int | None = None,
         within_group: bool = False, channels: int | None = None, augment: Augment | None = None,
     ) -> None:
-        evaluation = (positive_int("n_way", n_way), positive_int("k_shot", k_shot), positive_int("k_query", k_query))
+        evaluation = (_ways("n_way", n_way), positive_int("k_shot", k_shot), positive_int("k_query", k_query))
         training = (
-            positive_int("train_n_way", train_n_way) if train_n_way is not None else n_way,
+            _ways("train_n_way", train_n_way) if train_n_way is not None else n_way,
             positive_int("train_k_shot", train_k_shot) if train_k_shot is not None else k_shot,
             positive_int("train_k_query", train_k_query) if train_k_query is not None else k_query,
         )

@@ -123,3 +123,14 @@ def test_within_group_episodes_stay_in_one_group() -> None:
     assert used == {0, 1}
     with pytest.raises(ValueError, match="n_way=6: no group"):
         EpisodeSampler({"train": data}, n_way=6, k_shot=1, k_query=1, within_group=True)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"n_way": 1}, r"^n_way=1: classification needs at least 2 ways"),
+    ({"train_n_way": 1}, r"^train_n_way=1: classification needs at least 2 ways"),
+    ({"n_way": 1, "train_n_way": 5}, r"^n_way=1: "),
+])
+def test_one_way_episodes_are_rejected(kwargs: dict, message: str) -> None:
+    """A 1-way episode has one possible answer, so its accuracy is always 100% and means nothing."""
+    with pytest.raises(ValueError, match=message):
+        sampler(**kwargs)
