@@ -115,6 +115,9 @@ def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[
             except DAMAGED as ex:
                 raise ValueError(f"root={str(root)!r}: {source} is not a readable zip archive "
                                  f"({damage_reason(ex)}): delete it and fetch it again with {fetch}") from ex
+    if not arrays:
+        raise ValueError(f"root={str(root)!r}: {source} holds no drawings (<alphabet>/<character>/*.png); delete "
+                         f"it and fetch it again with {fetch}")
     return {"images": torch.from_numpy(np.stack(arrays)).unsqueeze(1), "characters": characters}
 
 

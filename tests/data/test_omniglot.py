@@ -260,3 +260,10 @@ def test_an_unreadable_drawing_in_an_extracted_folder_is_named(tmp_path: Path) -
                                          r"corrupt.*\): delete .*images_background_small1 and extract or fetch it "
                                          r"again"):
         load_archive(tmp_path / "omniglot", "small1", 6, None)
+
+
+def test_an_archive_without_drawings_is_named(tmp_path: Path) -> None:
+    (tmp_path / "images_background_small2").mkdir()  # e.g. an extraction that never finished
+    with pytest.raises(ValueError, match=rf"^root='{tmp_path}': {tmp_path / 'images_background_small2'} holds no "
+                                         r"drawings \(<alphabet>/<character>/\*\.png\)"):
+        load_archive(tmp_path, "small2", 6, None)
