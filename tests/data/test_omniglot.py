@@ -267,3 +267,14 @@ def test_an_archive_without_drawings_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"^root='{tmp_path}': {tmp_path / 'images_background_small2'} holds no "
                                          r"drawings \(<alphabet>/<character>/\*\.png\)"):
         load_archive(tmp_path, "small2", 6, None)
+
+
+def test_lake_names_a_missing_validation_alphabet(tmp_path: Path) -> None:
+    make_fake_omniglot(tmp_path / "zips", archives=["background", "evaluation"])
+    with zipfile.ZipFile(tmp_path / "zips" / "images_background.zip") as archive:
+        archive.extractall(tmp_path / "omniglot")
+    shutil.copy(tmp_path / "zips" / "images_evaluation.zip", tmp_path / "omniglot")
+    shutil.rmtree(tmp_path / "omniglot" / "images_background" / "Tifinagh")
+    with pytest.raises(ValueError, match=r"^root='.*omniglot': the background set lacks the alphabet Tifinagh, "
+                                         r"which split=lake validates on"):
+        fake(tmp_path / "omniglot", split="lake")
