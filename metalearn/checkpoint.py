@@ -40,6 +40,16 @@ def atomic_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable: without it a power loss can undo the rename."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu", key: str = "ckpt_path") -> dict[str, Any]:
@@ -49,11 +59,37 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu", key: s
         raise CheckpointError(f"{key}={str(path)!r}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as ex:  # torch raises a variety of errors for truncated or foreign files
-        raise CheckpointError(f"{key}={str(path)!r}: unreadable checkpoint ({type(ex).__name__}: {ex})") from ex
+    except Exception as ex:  # torch raises a variety of errors for truncated, corrupt or foreign files
+        # torch's own message may advise weights_only=False, which is wrong (and unsafe) for a damaged file.
+        raise CheckpointError(f"{key}={str(path)!r}: not a readable metalearn checkpoint (the file is truncated, "
+                              f"corrupt or of another program; {type(ex).__name__})") from ex
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{key}={str(path)!r}: not a metalearn checkpoint (format {FORMAT_VERSION})")
     return state
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """`module.load_state_dict(weights)`, or a one-line CheckpointError naming the first parameter whose
+    name or shape differs (torch's own error lists every mismatch over many lines).
+
+    Args:
+        module: the freshly built module (e.g. an algorithm with its model).
+        weights: its state dict as saved in a checkpoint.
+        source: the checkpoint file, for the message.
+    """
+    own = module.state_dict()
+    problems = [f"{name} has shape {list(weights[name].shape)} in the checkpoint but {list(own[name].shape)} "
+                "in the model these settings build" for name in own
+                if name in weights and weights[name].shape != own[name].shape]
+    problems += [f"{name} is in the model these settings build but not in the checkpoint"
+                 for name in own if name not in weights]
+    problems += [f"{name} is in the checkpoint but not in the model these settings build"
+                 for name in weights if name not in own]
+    if problems:
+        more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{source}: the checkpoint's weights do not fit the model: {problems[0]}{more}; "
+                              "the architecture settings (model.*) must be those the run was trained with")
+    module.load_state_dict(weights)
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -78,12 +114,20 @@ def checkpoint_in(path: Path) -> Path:
     return path / "checkpoints" / "last.pt" if path.is_dir() else path
 
 
-# Settings that may legitimately change when a run is continued.
-RESUME_KEYS = ("ckpt_path", "trainer.resume", "trainer.max_steps", "trainer.progress", "paths.")
+# Settings that may change when a run is continued: the budget, where and how it runs, how often it
+# evaluates, logs and checkpoints, and the run's label. Every other setting must equal the run's own.
+RESUME_KEYS = ("ckpt_path", "name", "trainer.resume", "trainer.max_steps", "trainer.progress", "trainer.device",
+               "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every", "trainer.eval_batch_size",
+               "paths.", "logger.")
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every setting that differs between two resolved configs."""
+    """`key: old -> new` for every setting that differs between two resolved configs, apart from
+    those that may change on resume (`RESUME_KEYS`)."""
     old, new = flatten_hparams(saved), flatten_hparams(current)
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key) and not key.startswith(RESUME_KEYS)]
+            if old.get(key) != new.get(key) and not _may_change(key)]
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k if k.endswith(".") else f"{k}.") for k in RESUME_KEYS)

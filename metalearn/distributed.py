@@ -25,6 +25,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    """This process's rank as `torchrun` announces it (0 when started directly), before joining the job."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from metalearn.checkpoint import CheckpointError, load_checkpoint, run_dir_of, unused_path
+from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights, run_dir_of, unused_path
 from metalearn.checks import one_of, positive_int
 from metalearn.metrics import eval_metrics, query_metric
 from metalearn.runtime import resolve_device
@@ -148,10 +148,9 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
                         f"tasks need {ex.needed}; the trained head fixes the number of classes (metric-based "
                         "methods such as protonet evaluate at any number of ways)") from ex
     try:
-        algorithm.load_state_dict(state["algorithm"])
-    except RuntimeError as ex:
-        raise EvalError(f"{changed}: the checkpoint's weights do not fit the model these settings build "
-                        f"({str(ex).splitlines()[1].strip() if len(str(ex).splitlines()) > 1 else ex})") from ex
+        load_weights(algorithm, state["algorithm"], path)
+    except CheckpointError as ex:
+        raise EvalError(f"{changed}: {ex}") from ex
     if isinstance(tasks, TrainingBatches):  # evaluation is episodic on every split
         tasks = tasks.tasks
     device = resolve_device(cfg.trainer.device)

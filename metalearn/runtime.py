@@ -39,3 +39,4 @@ def stop_on_signal() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+

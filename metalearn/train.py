@@ -6,6 +6,7 @@ and OmegaConf; everything it builds takes plain, typed constructor arguments.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import re
 import sys
 import traceback
+from logging.handlers import MemoryHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalearn import distributed
 from metalearn.algorithms.base import MetaAlgorithm
-from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of, unused_path
+from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
 from metalearn.metrics import query_metric
+from metalearn.rundir import (
+    LOCK_NAME,
+    RunDirError,
+    RunLock,
+    create_fresh,
+    holds_run,
+    next_resume_dir,
+    remove_stale_temporaries,
+)
 from metalearn.tasks import TrainingBatches
 from metalearn.trainer import NonFiniteLossError
 
@@ -61,10 +72,12 @@ class OutputSizeError(ConfigError):
 
 @functools.cache
 def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
-    """Hydra's run directory: the checkpoint's run when continuing one, else a new timestamped one.
+    """Hydra's run directory: the checkpoint's run when continuing one, else a new directory, created
+    here exclusively (`<stamp>`, or `<stamp>_1`, ... when another run took it in the same second).
 
-    With `trainer.resume=true` the latest run of the experiment that has `checkpoints/last.pt`
-    is continued in place. Cached so that every resolution within a process agrees.
+    With `trainer.resume=true` the latest run under `base` that has `checkpoints/last.pt` is continued
+    in place (`train` then refuses it if its settings differ). Cached so that every resolution within a
+    process agrees.
     """
     if ckpt_path:
         path = Path(ckpt_path)
@@ -75,10 +88,30 @@ def _run_dir(base: str, stamp: str, resume: bool, ckpt_path: str | None) -> str:
         runs = sorted(d for d in root.iterdir() if (d / "checkpoints" / "last.pt").is_file())
         if runs:
             return str(runs[-1])
-    return distributed.agree(str(unused_path(root / stamp)))  # the processes of a torchrun job share rank 0's directory
+    if distributed.env_rank() != 0:  # the processes of a torchrun job share rank 0's directory
+        return distributed.agree("")
+    try:
+        fresh = create_fresh(root, stamp)
+    except OSError as ex:
+        raise ConfigError(f"paths.output_root: cannot create a run directory in {root} ({ex.strerror}: "
+                          f"{ex.filename}); set paths.output_root or hydra.run.dir to a writable folder") from ex
+    return distributed.agree(str(fresh))
+
+
+def _run_name() -> str:
+    """A run's name (its folder under `outputs/runs/` and its label in reports): the experiment's, unless
+    the command chose an algorithm or a dataset without naming an experiment; then `<algorithm>-<dataset>`
+    (`metalearn algorithm=protonet dataset=omniglot` is `protonet-omniglot`, not the default experiment's)."""
+    hydra_cfg = HydraConfig.get()
+    chosen = {str(o).split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    choices: Any = hydra_cfg.runtime.choices
+    if "experiment" in chosen or not chosen & {"algorithm", "dataset"}:
+        return str(choices.experiment)
+    return f"{choices.algorithm}-{choices.dataset}"
 
 
 OmegaConf.register_new_resolver("metalearn.run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("metalearn.run_name", _run_name, replace=True)
 
 
 def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -213,35 +246,135 @@ def _check_sweep_direction(metric: str, higher_is_better: bool) -> None:
                           f"(set hydra.sweeper.direction={wanted})")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build dataset, model, algorithm, optimizer, schedule, logger and trainer from `cfg`; train; test."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    check_learning_rates(container)
+class HeldLog:
+    """Holds back the run log's records (Hydra's `train.log` handler) in memory until the run is accepted
+    into its directory, so that a command refused on an existing run (in use, other settings, bad input)
+    writes nothing into it.
+
+    Args:
+        output_dir: the run directory; file handlers of the root logger that write into it are held.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.fresh = False  # set by `train` once it knows the directory held no run before
+        self._root = logging.getLogger()
+        self._files = [h for h in self._root.handlers if isinstance(h, logging.FileHandler)
+                       and Path(h.baseFilename).parent == output_dir.resolve()]
+        self._buffer: MemoryHandler | None = MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+        for handler in self._files:
+            self._root.removeHandler(handler)
+        self._root.addHandler(self._buffer)
+
+    def release(self, keep: bool) -> None:
+        """Write the held records to the log file (`keep`) or drop them, and log to the file directly again."""
+        if self._buffer is None:
+            return
+        self._root.removeHandler(self._buffer)
+        for handler in self._files:
+            for record in self._buffer.buffer if keep else ():
+                handler.handle(record)
+            self._root.addHandler(handler)
+        self._buffer.buffer.clear()
+        self._buffer = None
+
+
+def _claim(cfg: DictConfig, output_dir: Path) -> tuple[RunLock | None, bool]:
+    """Take the run directory for this process: its lock (rank 0; a second process on the directory is
+    refused), and a check that a directory holding a run is only ever continued, never reused by a new
+    run. Returns the lock and whether the directory is new (held no run)."""
+    lock = RunLock(output_dir) if distributed.env_rank() == 0 else None
+    ckpt = checkpoint_in(Path(cfg.ckpt_path)) if cfg.ckpt_path else None
+    continuing = (ckpt is not None and run_dir_of(ckpt).resolve() == output_dir.resolve()) or (
+        bool(cfg.trainer.resume) and (output_dir / "checkpoints" / "last.pt").is_file())
+    fresh = not holds_run(output_dir)
+    if not (fresh or continuing):
+        if lock is not None:
+            lock.release()
+        raise RunDirError(f"{output_dir}: the directory already holds a run; continue it with trainer.resume=true "
+                          f"(or ckpt_path={output_dir}), or start a new run in a new directory (leave out "
+                          "hydra.run.dir for a timestamped one)")
+    if lock is not None:
+        if fresh:  # a continued run announces itself once accepted (see `train`), leaving a refused one untouched
+            lock.announce()
+        for path in remove_stale_temporaries(output_dir / "checkpoints"):
+            log.info("Removed %s, left by a process that was killed while writing a checkpoint", path)
+    return lock, fresh
+
+
+def _write_record(output_dir: Path, container: dict[str, Any], fresh: bool) -> None:
+    """The run's resolved `config.yaml` and Hydra's files of this command: in `.hydra/` for a new run, in
+    `.hydra/resume-<n>/` for a continued one (its original command stays as it was)."""
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
+    _write_hydra_files(output_dir / ".hydra" if fresh else next_resume_dir(output_dir), container)
+
+
+def _write_hydra_files(folder: Path, container: dict[str, Any]) -> None:
+    """What Hydra writes to `.hydra/` (config, hydra, overrides), when running under Hydra."""
+    if not HydraConfig.initialized():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.instance().cfg
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(container))
+    (folder / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra_cfg))
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))  # type: ignore[union-attr]
+
+
+def _check_seed(cfg: DictConfig) -> None:
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r}: must be an integer")
+
+
+def train(cfg: DictConfig, held_log: HeldLog | None = None) -> dict[str, Any]:
+    """Build dataset, model, algorithm, optimizer, schedule, logger and trainer from `cfg`; train; test.
+
+    The run's record (`config.yaml`, `.hydra/`) is written only once everything is built and any
+    checkpoint to continue is loaded and found to be this run's, so a command that fails or is refused
+    leaves an existing run as it was. `held_log` (the CLI's) is released into the run log then.
+    """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
-    ckpt_path = checkpoint_in(Path(cfg.ckpt_path)) if cfg.ckpt_path else None
-    if ckpt_path is not None and not ckpt_path.is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-
-    tasks, algorithm = build_learner(cfg)
-    _check_sweep_direction(query_metric(tasks.objective.metric), tasks.objective.higher_is_better)
-    optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
-    scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
-    trainer = _make(
-        cfg.trainer, "trainer", algorithm=algorithm, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
-        logger=_build(cfg.logger, "logger"), output_dir=output_dir, seed=cfg.seed, ckpt_path=ckpt_path,
-        run_config=container,
-    )
-    if distributed.rank() != 0:  # the log is rank 0's
-        logging.getLogger().setLevel(logging.WARNING)
+    lock, fresh = _claim(cfg, output_dir)
+    if held_log is not None:
+        held_log.fresh = fresh
+    trainer = None
     try:
-        results = trainer.fit()
-    except NonFiniteLossError as ex:
-        # The trainer knows no config keys; name the current values of the settings it suggests.
-        settings = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in ("algorithm.inner_lr", "optimizer.lr")
-                             if OmegaConf.select(cfg, key) is not None)
-        raise NonFiniteLossError(f"{ex} (now {settings})" if settings else str(ex)) from ex
+        container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        _check_seed(cfg)
+        check_learning_rates(container)
+        ckpt_path = checkpoint_in(Path(cfg.ckpt_path)) if cfg.ckpt_path else None
+        if ckpt_path is not None and not ckpt_path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+
+        tasks, algorithm = build_learner(cfg)
+        _check_sweep_direction(query_metric(tasks.objective.metric), tasks.objective.higher_is_better)
+        optimizer = _make(cfg.optimizer, "optimizer", algorithm.parameters())
+        scheduler = _make(cfg.scheduler, "scheduler", optimizer) if cfg.get("scheduler") else None
+        trainer = _make(
+            cfg.trainer, "trainer", algorithm=algorithm, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
+            logger=_build(cfg.logger, "logger"), output_dir=output_dir, seed=cfg.seed, ckpt_path=ckpt_path,
+            run_config=container,
+        )
+        trainer.restore()
+        if lock is not None:
+            lock.announce()
+            _write_record(output_dir, container, fresh)
+        if held_log is not None:
+            held_log.release(keep=True)
+        if distributed.rank() != 0:  # the log is rank 0's
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
+            results = trainer.fit()
+        except NonFiniteLossError as ex:
+            # The trainer knows no config keys; name the current values of the settings it suggests.
+            settings = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in ("algorithm.inner_lr", "optimizer.lr")
+                                 if OmegaConf.select(cfg, key) is not None)
+            raise NonFiniteLossError(f"{ex} (now {settings})" if settings else str(ex)) from ex
+    except KeyboardInterrupt as ex:
+        raise _interrupted(ex, trainer) from ex
+    finally:
+        if lock is not None:
+            lock.release()
     if not results:  # a process other than rank 0 of a distributed run
         return results
     name = query_metric(tasks.objective.metric)
@@ -252,23 +385,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _interrupted(ex: KeyboardInterrupt, trainer: Any) -> KeyboardInterrupt:
+    """The interruption as one line that says when it came and how to go on; the training loop's own
+    message (it knows the step and the checkpoint) is kept as it is."""
+    text = str(ex) or "stopped by Ctrl-C"
+    if "resume with" in text:
+        return KeyboardInterrupt(text)
+    if trainer is None:
+        return KeyboardInterrupt(f"{text} during set-up")
+    last = trainer.ckpt_dir / "last.pt"
+    when = f"while testing at step {trainer.step}" if trainer.step >= trainer.max_steps else "during set-up"
+    hint = f"; resume with trainer.resume=true (checkpoint {last})" if last.is_file() else ""
+    return KeyboardInterrupt(f"{text} {when}{hint}")
+
+
 class JobFailed(RuntimeError):
     """A job of a multirun failed; its error is in the job's log and `failed.json`."""
 
 
-def _job_failed(cfg: DictConfig, ex: BaseException) -> JobFailed:
-    """Record a multirun job's error in its directory (`failed.json`, the job's log) and say so on stderr;
-    the returned exception marks the job failed for the sweeper while the other jobs go on."""
+EXPECTED = (ConfigError, CheckpointError, RunDirError, NonFiniteLossError)  # bad input: one line, no traceback
+
+
+def _job_failed(cfg: DictConfig, ex: BaseException, held_log: HeldLog) -> JobFailed:
+    """Record a multirun job's error in its directory (`failed.json`, `.hydra/`, the job's log) when the
+    directory is the job's own, and say so on stderr; the returned exception marks the job failed for the
+    sweeper while the other jobs go on."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     message = str(ex).splitlines()[0] if str(ex) else ""
     hydra_cfg = HydraConfig.get()
-    record = {"error": type(ex).__name__, "message": message, "experiment": hydra_cfg.runtime.choices.get("experiment"),
-              "overrides": list(hydra_cfg.overrides.task),
-              "traceback": "".join(traceback.format_exception(ex))}
-    (output_dir / "failed.json").write_text(json.dumps(record, indent=2) + "\n")
-    expected = isinstance(ex, (ConfigError, CheckpointError, NonFiniteLossError))  # no traceback for bad input
-    log.error("job failed: %s: %s", type(ex).__name__, message, exc_info=None if expected else ex)
+    if held_log.fresh:  # never into another run's directory
+        record = {"error": type(ex).__name__, "message": message,
+                  "experiment": hydra_cfg.runtime.choices.get("experiment"),
+                  "overrides": list(hydra_cfg.overrides.task), "traceback": "".join(traceback.format_exception(ex))}
+        (output_dir / "failed.json").write_text(json.dumps(record, indent=2) + "\n")
+        if not (output_dir / ".hydra").exists():
+            _write_hydra_files(output_dir / ".hydra", OmegaConf.to_container(cfg))  # type: ignore[arg-type]
+    log.error("job failed: %s: %s", type(ex).__name__, message, exc_info=None if isinstance(ex, EXPECTED) else ex)
     text = f"job {hydra_cfg.job.num} ({output_dir}) failed: {type(ex).__name__}: {message}"
     print(f"error: {text}", file=sys.stderr)
     return JobFailed(text)
@@ -277,26 +429,45 @@ def _job_failed(cfg: DictConfig, ex: BaseException) -> JobFailed:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    held_log = HeldLog(Path(cfg.paths.output_dir))
     try:
-        results = train(cfg)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as ex:
+        results = train(cfg, held_log)
+    except EXPECTED as ex:
         if multirun:
-            raise _job_failed(cfg, ex) from ex
+            raise _job_failed(cfg, ex, held_log) from ex
         print(f"error: {ex}", file=sys.stderr)
+        if held_log.fresh:
+            held_log.release(keep=False)
+            _discard_if_empty(Path(cfg.paths.output_dir))
         sys.exit(2)
     except KeyboardInterrupt as ex:
         print(f"interrupted: {ex}", file=sys.stderr)
         sys.exit(130)
     except Exception as ex:
         if multirun:  # any error ends this job only; a single run shows the traceback
-            raise _job_failed(cfg, ex) from ex
+            raise _job_failed(cfg, ex, held_log) from ex
         raise
+    finally:
+        held_log.release(keep=held_log.fresh)
     # Sweepers (e.g. Optuna) optimise the returned value: the best validation metric.
     return float(results["val"][results["metric"]]) if results else math.nan
 
 
+def _discard_if_empty(output_dir: Path) -> None:
+    """Remove a new run's directory that a refused command left with nothing but its lock and log."""
+    if {p.name for p in output_dir.iterdir()} <= {LOCK_NAME, "train.log"}:
+        for name in (LOCK_NAME, "train.log"):
+            (output_dir / name).unlink(missing_ok=True)
+        output_dir.rmdir()
+
+
 def _one_line(ex: BaseException) -> str:
     """Condense Hydra/OmegaConf's multi-line errors to one line, keeping what names the key or option."""
+    cause: BaseException | None = ex
+    while cause is not None:  # OmegaConf re-raises a resolver's error as the context of its own
+        if isinstance(cause, EXPECTED):  # raised by one of our resolvers (e.g. the run directory's)
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
     parts: list[str] = []
     for e in (ex, ex.__cause__):
         if e is None:
@@ -307,19 +478,64 @@ def _one_line(ex: BaseException) -> str:
     return " ".join(dict.fromkeys(parts))
 
 
+def _did_you_mean(ex: BaseException) -> str | None:
+    """For `group.missspelt=value` (a key its group does not have), the one line that names the closest
+    keys of the group, instead of Hydra's hint to add the key with `+`, which only leads to a second error."""
+    match = re.search(r"Could not override '([^']+)'", str(ex))
+    parent = getattr(ex.__cause__, "parent_node", None)
+    if match is None or not isinstance(parent, DictConfig):
+        return None
+    key = match.group(1)
+    group, _, name = key.rpartition(".")
+    options = [str(k) for k in parent.keys()]
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    prefix = f"{group}." if group else ""
+    if close:
+        hint = "did you mean " + " or ".join(f"{prefix}{c}" for c in close) + "?"
+    else:
+        hint = f"the settings there are {', '.join(prefix + o for o in options)}"
+    return f"{key}: no such setting; {hint} (+{key}=... would add it as a new key)"
+
+
+def _failed_jobs(ex: JobFailed) -> str:
+    """All failed jobs of the sweep that `ex` (the first failure) belongs to, with their count."""
+    match = re.match(r"job \d+ \((.*)\) failed:", str(ex))
+    sweep = Path(match.group(1)).parent if match else None
+    if sweep is None or not sweep.is_dir():
+        return str(ex)
+    jobs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    failures = []
+    for job in jobs:
+        if (job / "failed.json").is_file():
+            record = json.loads((job / "failed.json").read_text())
+            failures.append(f"job {job.name} ({job}): {record['error']}: {record['message']}")
+    if not failures:
+        return str(ex)
+    return f"{len(failures)} of {len(jobs)} jobs failed: " + "; ".join(failures)
+
+
 def main() -> None:
     """Console entry point. Configuration errors become one line on stderr and exit status 2."""
     keep_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's printer
     try:
         _hydra_main()
-    except JobFailed as ex:  # the sweep ran every job it could; report the (first) failure
-        print(f"error: sweep finished with failed jobs; {ex}", file=sys.stderr)
+    except JobFailed as ex:  # the sweep ran every job it could; report the failures
+        print(f"error: sweep finished with failed jobs; {_failed_jobs(ex)}", file=sys.stderr)
         sys.exit(1)
     except (HydraException, OmegaConfBaseException) as ex:
         if keep_traceback:
             raise
-        print(f"error: {_one_line(ex)}", file=sys.stderr)
+        print(f"error: {_did_you_mean(ex) or _one_line(ex)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as ex:  # before or after the run itself (composition, Hydra's set-up)
+        print(f"interrupted: {ex or 'stopped by Ctrl-C'} during set-up", file=sys.stderr)
+        sys.exit(130)
+    except OSError as ex:
+        if keep_traceback or ex.filename is None:
+            raise
+        print(f"error: {ex.filename}: {ex.strerror} (the run directory must be writable: set hydra.run.dir or "
+              "paths.output_root)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -16,7 +16,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn import distributed
 from metalearn.algorithms.base import MetaAlgorithm, TaskScores
-from metalearn.checkpoint import config_changes, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import (
+    RESUME_KEYS,
+    CheckpointError,
+    config_changes,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from metalearn.checks import positive_int
 from metalearn.metrics import (
     TensorBoardLogger,
@@ -112,7 +119,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.step, self.best_step, self.best_metric, self.elapsed = 0, 0, math.nan, 0.0
         self._t0 = time.perf_counter()  # wall-clock origin, shifted back by the time already trained
-        self.ckpt_path, self.resume = ckpt_path, resume
+        self.ckpt_path, self.resume, self._restored = ckpt_path, resume, False
 
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -126,8 +133,9 @@ class Trainer:
             "metric": self.metric, "higher_is_better": self.higher_is_better, "config": self.config,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.algorithm.load_state_dict(state["algorithm"])
+    def load_state(self, state: dict[str, Any], source: Path) -> None:
+        """Continue from `state`, a checkpoint read from `source` (named in errors)."""
+        load_weights(self.algorithm, state["algorithm"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -191,16 +199,25 @@ class Trainer:
             self.scheduler.step()
         return scalars, norm
 
-    def _restore(self) -> None:
-        """Load `ckpt_path`, or `last.pt` of this run when resuming, if there is one."""
+    def restore(self) -> None:
+        """Load `ckpt_path`, or `last.pt` of this run when resuming, if there is one (once; `fit` calls it
+        if the caller did not). A checkpoint whose run had other settings than `run_config`, apart from
+        those that may change on resume (`checkpoint.RESUME_KEYS`), is refused with a CheckpointError."""
+        if self._restored:
+            return
+        self._restored = True
         source = self.ckpt_path or (self.ckpt_dir / "last.pt" if self.resume else None)
         if source is not None and (self.ckpt_path is not None or source.is_file()):
             state = load_checkpoint(source, self.device)
-            self.load_state(state)
-            log.info("Resumed from %s at step %d", source, self.step)
-            changed = config_changes(state["config"], self.config)
+            changed = config_changes(state["config"], self.config) if state.get("config") and self.config else []
             if changed:
-                log.warning("Resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
+                may_change = ", ".join(k.rstrip(".") + ("*" if k.endswith(".") else "") for k in RESUME_KEYS)
+                raise CheckpointError(
+                    f"{source}: the run was made with other settings ({'; '.join(changed)}); a run continues "
+                    f"only with its own settings, apart from {may_change}: to train with these settings, "
+                    "start a new run (without trainer.resume=true or ckpt_path)")
+            self.load_state(state, source)
+            log.info("Resumed from %s at step %d", source, self.step)
         elif self.resume:
             log.info("trainer.resume=true but %s does not exist yet: starting a new run", source)
 
@@ -218,7 +235,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to `max_steps` (continuing a checkpoint if asked), then test the best checkpoint."""
-        self._restore()
+        self.restore()
         if self.rank != 0:  # one process logs, validates, checkpoints and tests: rank 0
             return self._follow()
         logger = self.make_logger(purge_step=self.step + 1 if self.step else None)
@@ -276,7 +293,7 @@ class Trainer:
     def _finish(self, logger: TensorBoardLogger) -> dict[str, Any]:
         """Test the best checkpoint, draw what was learned, and write `results.json`."""
         best = load_checkpoint(self.ckpt_dir / "best.pt", self.device)
-        self.algorithm.load_state_dict(best["algorithm"])
+        load_weights(self.algorithm, best["algorithm"], self.ckpt_dir / "best.pt")
         val, test = self.evaluate("val"), self.evaluate("test")
         logger.log_scalars({tag("val", f"best_{self.metric}"): val[tag("val", self.metric)], **test}, self.step)
         self.algorithm.eval()

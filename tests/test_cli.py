@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,21 +82,25 @@ def test_multirun_gives_one_directory_per_job(tmp_path: Path) -> None:
         assert load_checkpoint(sweep / job / "checkpoints" / "last.pt")["config"]["algorithm"]["inner_lr"] == lr
 
 
-def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    proc = run_cli(tmp_path, "model.hidden_sizes=[8],[-3],[8,8]", multirun=True)
+def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """Each failed job leaves failed.json and its log line; the jobs after a failure still run; the last
+    line counts and names every failed job, not just the first."""
+    proc = run_cli(tmp_path, "model.hidden_sizes=[-1],[8],[-2],[-3]", multirun=True)
     sweep = only_run_dir(tmp_path / "outputs" / "multiruns" / "maml_sinusoid")
-    for job in ("0", "2"):  # the jobs after the failed one ran too
-        assert (sweep / job / "results.json").is_file(), job
-    failed = json.loads((sweep / "1" / "failed.json").read_text())
-    assert failed["error"] == "ConfigError"
-    assert failed["message"] == "model.hidden_sizes[0]=-3: must be a positive integer"
-    assert "model.hidden_sizes=[-3]" in failed["overrides"]
-    assert not (sweep / "1" / "results.json").exists()
-    assert "job failed: ConfigError: model.hidden_sizes[0]=-3" in (sweep / "1" / "train.log").read_text()
+    assert (sweep / "1" / "results.json").is_file()  # the job after the first failure ran
+    for job, size in (("0", -1), ("2", -2), ("3", -3)):
+        failed = json.loads((sweep / job / "failed.json").read_text())
+        assert failed["error"] == "ConfigError"
+        assert failed["message"] == f"model.hidden_sizes[0]={size}: must be a positive integer"
+        assert f"model.hidden_sizes=[{size}]" in failed["overrides"]
+        assert (sweep / job / ".hydra" / "overrides.yaml").is_file()
+        assert not (sweep / job / "results.json").exists()
+        assert f"job failed: ConfigError: model.hidden_sizes[0]={size}" in (sweep / job / "train.log").read_text()
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: sweep finished with failed jobs; job 1 ({sweep / '1'}) failed: "
-        "ConfigError: model.hidden_sizes[0]=-3: must be a positive integer")
+        "error: sweep finished with failed jobs; 3 of 4 jobs failed: "
+        + "; ".join(f"job {job} ({sweep / job}): ConfigError: model.hidden_sizes[0]={size}: must be a positive integer"
+                    for job, size in (("0", -1), ("2", -2), ("3", -3))))
 
 
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
@@ -160,6 +165,11 @@ def test_ckpt_path_continues_that_run(tmp_path: Path) -> None:
         ("experiment=maml_omniglot_5w1s_quick algorithm.vectorize=maybe", ["algorithm.vectorize='maybe'"]),
         ("experiment=maml_omniglot_5w1s_quick dataset.augment.degrees=-1", ["dataset.augment.degrees=-1"]),
         ("algorithm.inner_lr=1e6", ["step 1: meta-loss", "no checkpoint written yet", "algorithm.inner_lr=1000000.0"]),
+        ("seed=1.5", ["seed=1.5: must be an integer"]),
+        ("experiment=maml_omniglot_5w1s_quick dataset.n_wya=5", ["dataset.n_wya: no such setting",
+                                                                "did you mean dataset.n_way?"]),
+        ("paths.output_root=/dev/null/outputs", ["paths.output_root", "/dev/null/outputs/runs", "Not a directory"]),
+        ("hydra.run.dir=/dev/null/run", ["/dev/null/run: Not a directory", "hydra.run.dir"]),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, override: str, expected: list[str]) -> None:
@@ -170,3 +180,67 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, override: str, expected:
     for text in expected:
         assert text in errors[0]
     assert not list(tmp_path.glob("outputs/**/*.pt")), "no checkpoint may be left behind"
+    if "step 1" not in expected[0]:  # refused before training: no run directory is left behind either
+        assert not list(tmp_path.glob("outputs/runs/*/*")), list(tmp_path.glob("outputs/runs/*/*"))
+
+
+def wait_for(path_glob: Callable[[], list[Path]], proc: subprocess.Popen[str], timeout: float = 120) -> list[Path]:
+    """Poll until `path_glob()` finds something (or the process ends, or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while not (found := path_glob()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def test_second_process_on_a_run_directory_is_refused_and_kill_9_does_not_block_resume(tmp_path: Path) -> None:
+    """Two commands on one hydra.run.dir: the second stops with one line naming the directory and the
+    holding process, writing nothing; after the holder is killed with SIGKILL (no clean-up at all) its
+    lock is gone, the leftover temporary checkpoint is removed, and the run resumes in place."""
+    run = tmp_path / "shared_run"
+    long = ["trainer.max_steps=100000", "trainer.checkpoint_every=50", f"hydra.run.dir={run}"]
+    holder = subprocess.Popen([METALEARN, *TINY, *long], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: list(run.glob("checkpoints/last.pt")), holder), holder.communicate()
+        before = {p: p.read_bytes() for p in run.rglob("*.yaml")}
+        second = run_cli(tmp_path, f"hydra.run.dir={run}", "seed=2")
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"error: {run}: the run directory is in use by process {holder.pid}; wait for it to finish or stop "
+            "it, or start a new run elsewhere"]
+        assert {p: p.read_bytes() for p in run.rglob("*.yaml")} == before  # its config and overrides untouched
+    finally:
+        holder.kill()  # SIGKILL: no handler runs, the lock is only dropped by the kernel
+        holder.communicate()
+    (run / "checkpoints" / ".last.pt.killed.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves
+    target = load_checkpoint(run / "checkpoints" / "last.pt")["step"] + 20
+    resumed = run_cli(tmp_path, *long, f"trainer.max_steps={target}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == target
+    assert not list(run.glob("checkpoints/*.tmp"))
+    assert (run / ".hydra" / "resume-1" / "overrides.yaml").is_file()
+
+
+def test_sigterm_during_set_up_or_final_test_exits_130_with_one_line(tmp_path: Path) -> None:
+    early = subprocess.Popen([METALEARN, *TINY], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # still importing
+    early.send_signal(signal.SIGTERM)
+    _, stderr = early.communicate(timeout=60)
+    assert early.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["interrupted: stopped by signal 15 during set-up"]
+
+    # A long final test: 200,000 sinusoid tasks after 4 steps of training.
+    testing = subprocess.Popen([METALEARN, *TINY, "trainer.test_tasks=200000", "trainer.eval_batch_size=1000"],
+                               cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = wait_for(lambda: [p for p in tmp_path.glob("outputs/runs/*/*/train.log") if "step 4:" in p.read_text()],
+                    testing)
+    assert logs, testing.communicate()
+    time.sleep(0.5)
+    testing.send_signal(signal.SIGTERM)
+    _, stderr = testing.communicate(timeout=60)
+    assert testing.returncode == 130, stderr
+    last = logs[0].parent / "checkpoints" / "last.pt"
+    assert [line for line in stderr.splitlines() if not line.startswith("[")] == [
+        f"interrupted: stopped by signal 15 while testing at step 4; resume with trainer.resume=true "
+        f"(checkpoint {last})"]

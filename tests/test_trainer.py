@@ -121,7 +121,36 @@ def test_evaluation_sets_are_fixed(tmp_path: Path) -> None:
     state = a.generator.get_state()
     assert a.evaluate("val") == b.evaluate("val")
     assert torch.equal(a.generator.get_state(), state)
-    assert a.evaluate("val") != a.evaluate("test")
+    val, test = a.evaluate("val"), a.evaluate("test")
+    assert val["val/query_mse"] != test["test/query_mse"]  # values, not keys: two different task sets
+
+
+def test_best_checkpoint_follows_validation_and_is_the_one_tested(tmp_path: Path) -> None:
+    """Validation (scripted: best at step 5, worse later) and test disagree; the kept best.pt is step 5's,
+    and results.json's test scores are those of best.pt's weights, not of the final ones."""
+    trainer = make_trainer(tmp_path, max_steps=12)
+    scripted = {5: 0.1, 10: 0.5, 12: 0.9}  # query_mse: lower is better
+    real_evaluate = trainer.evaluate
+
+    def evaluate(split):  # type: ignore[no-untyped-def]
+        metrics = real_evaluate(split)
+        if split == "val":
+            metrics["val/query_mse"] = scripted[trainer.step]
+        return metrics
+
+    trainer.evaluate = evaluate  # type: ignore[method-assign]
+    results = trainer.fit()
+    assert results["best_step"] == 5
+    best, last = (load_checkpoint(tmp_path / "checkpoints" / name) for name in ("best.pt", "last.pt"))
+    assert best["step"] == 5 and last["step"] == 12
+
+    def test_score(state: dict) -> float:
+        fresh = make_trainer(tmp_path / "fresh")
+        fresh.algorithm.load_state_dict(state["algorithm"])
+        return fresh.evaluate("test")["test/query_mse"]
+
+    assert results["test"]["query_mse"] == test_score(best)
+    assert results["test"]["query_mse"] != test_score(last)
 
 
 @pytest.mark.parametrize(("setting", "message"), [({"max_steps": 0}, "max_steps=0"),
