@@ -99,16 +99,6 @@ def run_dir_of(ckpt_path: Path) -> Path:
     return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
 
 
-def unused_path(path: Path) -> Path:
-    """`path`, or `path` with `_1`, `_2`, ... before its suffix if that exists (two runs or evaluations
-    started in the same second)."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
-
-
 def checkpoint_in(path: Path) -> Path:
     """Resolve a run directory to its `checkpoints/last.pt`; a file path is returned unchanged."""
     return path / "checkpoints" / "last.pt" if path.is_dir() else path

@@ -25,9 +25,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights, run_dir_of, unused_path
+from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights, run_dir_of
 from metalearn.checks import one_of, positive_int
 from metalearn.metrics import eval_metrics, query_metric
+from metalearn.rundir import write_new
 from metalearn.runtime import resolve_device
 from metalearn.tasks import Split, TrainingBatches
 from metalearn.train import ConfigError, OutputSizeError, build_learner
@@ -170,8 +171,8 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         "per_episode": {metric: scores.score.tolist(), f"{metric}_pre": scores.score_pre.tolist(),
                         "query_loss": scores.loss.tolist(), "query_loss_pre": scores.loss_pre.tolist()},
     }
-    out = unused_path(run_dir_of(path) / f"eval_{split}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_new(run_dir_of(path) / f"eval_{split}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json",
+                    json.dumps(results, indent=2) + "\n")
     results["file"] = str(out)
     return results
 

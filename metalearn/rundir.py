@@ -45,6 +45,24 @@ def create_fresh(root: Path, stamp: str) -> Path:
     raise RunDirError(f"{root}: no free run directory name for {stamp}")
 
 
+def write_new(path: Path, text: str) -> Path:
+    """Write `text` to `path`, or to `path` with `_1`, `_2`, ... before its suffix if that exists, creating
+    the file exclusively (two evaluations of one run in the same second never overwrite each other).
+
+    Returns:
+        The file written.
+    """
+    for n in range(10_000):
+        candidate = path if n == 0 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+        try:
+            with candidate.open("x") as f:
+                f.write(text)
+        except FileExistsError:
+            continue
+        return candidate
+    raise RunDirError(f"{path}: no free file name")
+
+
 def holds_run(run_dir: Path) -> bool:
     """Whether `run_dir` already holds a run's record (its config or checkpoints)."""
     return any((run_dir / name).exists() for name in RECORD)

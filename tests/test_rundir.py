@@ -14,7 +14,7 @@ import torch
 
 from metalearn import checkpoint
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metalearn.rundir import RunDirError, RunLock, create_fresh
+from metalearn.rundir import RunDirError, RunLock, create_fresh, write_new
 from metalearn.train import ConfigError, _run_dir, train
 from tests.conftest import Composer
 
@@ -153,3 +153,10 @@ def test_checkpoint_rename_is_made_durable(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(os, "fsync", recording_fsync)
     save_checkpoint({"step": 1}, tmp_path / "last.pt")
     assert synced == [False, True]  # the file's data, then the directory entry
+
+
+def test_evaluation_records_never_overwrite_each_other(tmp_path: Path) -> None:
+    first = write_new(tmp_path / "eval_test_stamp.json", "first")
+    second = write_new(tmp_path / "eval_test_stamp.json", "second")
+    assert (first.name, second.name) == ("eval_test_stamp.json", "eval_test_stamp_1.json")
+    assert first.read_text() == "first" and second.read_text() == "second"
