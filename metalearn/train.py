@@ -110,7 +110,20 @@ def _run_name() -> str:
     return f"{choices.algorithm}-{choices.dataset}"
 
 
+def _sweep_dir(base: str, stamp: str) -> str:
+    """A sweep's directory, created exclusively like a run's (`<stamp>_1` when another sweep started in the
+    same second took `<stamp>`). Registered with OmegaConf's resolver cache, which Hydra copies from the
+    sweep's config into each job's, so that every job, in this process or a launcher's worker, resolves
+    the same directory instead of creating another."""
+    try:
+        return str(create_fresh(Path(base), stamp))
+    except OSError as ex:
+        raise ConfigError(f"paths.output_root: cannot create a sweep directory in {base} ({ex.strerror}: "
+                          f"{ex.filename}); set paths.output_root or hydra.sweep.dir to a writable folder") from ex
+
+
 OmegaConf.register_new_resolver("metalearn.run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("metalearn.sweep_dir", _sweep_dir, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("metalearn.run_name", _run_name, replace=True)
 
 

@@ -15,7 +15,7 @@ import torch
 from metalearn import checkpoint
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.rundir import RunDirError, RunLock, create_fresh, write_new
-from metalearn.train import ConfigError, _run_dir, train
+from metalearn.train import ConfigError, _run_dir, _sweep_dir, train
 from tests.conftest import Composer
 
 
@@ -160,3 +160,8 @@ def test_evaluation_records_never_overwrite_each_other(tmp_path: Path) -> None:
     second = write_new(tmp_path / "eval_test_stamp.json", "second")
     assert (first.name, second.name) == ("eval_test_stamp.json", "eval_test_stamp_1.json")
     assert first.read_text() == "first" and second.read_text() == "second"
+
+
+def test_sweep_directories_are_created_exclusively(tmp_path: Path) -> None:
+    first, second = (_sweep_dir(str(tmp_path / "multiruns"), "2026-01-01_00-00-00") for _ in range(2))
+    assert Path(second).name == "2026-01-01_00-00-00_1" and Path(first).is_dir() and Path(second).is_dir()
