@@ -11,8 +11,12 @@ different files of the same name.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+from logging.handlers import MemoryHandler
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 # What makes a directory hold a run: a recorded config or a checkpoint directory.
@@ -124,3 +128,71 @@ def next_resume_dir(run_dir: Path) -> Path:
     while (run_dir / ".hydra" / f"resume-{n}").exists():
         n += 1
     return run_dir / ".hydra" / f"resume-{n}"
+
+
+class HeldLog:
+    """Holds back the run log's records (Hydra's `train.log` handler) in memory until the run is accepted
+    into its directory, so that a command refused on an existing run (in use, other settings, bad input)
+    writes nothing into it.
+
+    Args:
+        output_dir: the run directory; file handlers of the root logger that write into it are held.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.fresh = False  # set by `train` once it knows the directory held no run before
+        self._root = logging.getLogger()
+        self._files = [h for h in self._root.handlers if isinstance(h, logging.FileHandler)
+                       and Path(h.baseFilename).parent == output_dir.resolve()]
+        self._buffer: MemoryHandler | None = MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+        for handler in self._files:
+            self._root.removeHandler(handler)
+        self._root.addHandler(self._buffer)
+
+    def release(self, keep: bool) -> None:
+        """Write the held records to the log file (`keep`) or drop them, and log to the file directly again."""
+        if self._buffer is None:
+            return
+        self._root.removeHandler(self._buffer)
+        for handler in self._files:
+            for record in self._buffer.buffer if keep else ():
+                handler.handle(record)
+            self._root.addHandler(handler)
+        self._buffer.buffer.clear()
+        self._buffer = None
+
+
+def claim(run_dir: Path, continuing: bool, lock: bool = True) -> tuple[RunLock | None, bool]:
+    """Take `run_dir` for this process: its lock (a second process on the directory is refused), and a
+    check that a directory holding a run is only ever continued, never reused by a new run.
+
+    Args:
+        run_dir: the run directory (must exist).
+        continuing: this command continues the run in `run_dir` (a resume, or its checkpoint named).
+        lock: take the lock (False for the processes of a distributed job other than rank 0).
+
+    Returns:
+        The lock (None if not taken) and whether the directory is new (held no run).
+    """
+    held = RunLock(run_dir) if lock else None
+    fresh = not holds_run(run_dir)
+    if not (fresh or continuing):
+        if held is not None:
+            held.release()
+        raise RunDirError(f"{run_dir}: the directory already holds a run; continue it with trainer.resume=true "
+                          f"(or ckpt_path={run_dir}), or start a new run in a new directory (leave out "
+                          "hydra.run.dir for a timestamped one)")
+    if held is not None:
+        if fresh:  # a continued run announces itself once accepted, leaving a refused command's target untouched
+            held.announce()
+        for path in remove_stale_temporaries(run_dir / "checkpoints"):
+            log.info("Removed %s, left by a process that was killed while writing a checkpoint", path)
+    return held, fresh
+
+
+def discard_if_empty(output_dir: Path) -> None:
+    """Remove a new run's directory that a refused command left with nothing but its lock and log."""
+    if {p.name for p in output_dir.iterdir()} <= {LOCK_NAME, "train.log"}:
+        for name in (LOCK_NAME, "train.log"):
+            (output_dir / name).unlink(missing_ok=True)
+        output_dir.rmdir()

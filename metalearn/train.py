@@ -6,7 +6,6 @@ and OmegaConf; everything it builds takes plain, typed constructor arguments.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import logging
@@ -15,7 +14,6 @@ import os
 import re
 import sys
 import traceback
-from logging.handlers import MemoryHandler
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 from metalearn import distributed
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import CheckpointError, checkpoint_in, run_dir_of
+from metalearn.cli import did_you_mean, failed_jobs, one_line
 from metalearn.metrics import query_metric
-from metalearn.rundir import (
-    LOCK_NAME,
-    RunDirError,
-    RunLock,
-    create_fresh,
-    holds_run,
-    next_resume_dir,
-    remove_stale_temporaries,
-)
+from metalearn.rundir import HeldLog, RunDirError, RunLock, claim, create_fresh, discard_if_empty, next_resume_dir
 from metalearn.tasks import TrainingBatches
 from metalearn.trainer import NonFiniteLossError
 
@@ -259,59 +250,13 @@ def _check_sweep_direction(metric: str, higher_is_better: bool) -> None:
                           f"(set hydra.sweeper.direction={wanted})")
 
 
-class HeldLog:
-    """Holds back the run log's records (Hydra's `train.log` handler) in memory until the run is accepted
-    into its directory, so that a command refused on an existing run (in use, other settings, bad input)
-    writes nothing into it.
-
-    Args:
-        output_dir: the run directory; file handlers of the root logger that write into it are held.
-    """
-
-    def __init__(self, output_dir: Path) -> None:
-        self.fresh = False  # set by `train` once it knows the directory held no run before
-        self._root = logging.getLogger()
-        self._files = [h for h in self._root.handlers if isinstance(h, logging.FileHandler)
-                       and Path(h.baseFilename).parent == output_dir.resolve()]
-        self._buffer: MemoryHandler | None = MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
-        for handler in self._files:
-            self._root.removeHandler(handler)
-        self._root.addHandler(self._buffer)
-
-    def release(self, keep: bool) -> None:
-        """Write the held records to the log file (`keep`) or drop them, and log to the file directly again."""
-        if self._buffer is None:
-            return
-        self._root.removeHandler(self._buffer)
-        for handler in self._files:
-            for record in self._buffer.buffer if keep else ():
-                handler.handle(record)
-            self._root.addHandler(handler)
-        self._buffer.buffer.clear()
-        self._buffer = None
-
-
 def _claim(cfg: DictConfig, output_dir: Path) -> tuple[RunLock | None, bool]:
-    """Take the run directory for this process: its lock (rank 0; a second process on the directory is
-    refused), and a check that a directory holding a run is only ever continued, never reused by a new
-    run. Returns the lock and whether the directory is new (held no run)."""
-    lock = RunLock(output_dir) if distributed.env_rank() == 0 else None
+    """`rundir.claim` for this command: it continues the run in `output_dir` if it names that run's
+    checkpoint, or resumes and the directory has one."""
     ckpt = checkpoint_in(Path(cfg.ckpt_path)) if cfg.ckpt_path else None
     continuing = (ckpt is not None and run_dir_of(ckpt).resolve() == output_dir.resolve()) or (
         bool(cfg.trainer.resume) and (output_dir / "checkpoints" / "last.pt").is_file())
-    fresh = not holds_run(output_dir)
-    if not (fresh or continuing):
-        if lock is not None:
-            lock.release()
-        raise RunDirError(f"{output_dir}: the directory already holds a run; continue it with trainer.resume=true "
-                          f"(or ckpt_path={output_dir}), or start a new run in a new directory (leave out "
-                          "hydra.run.dir for a timestamped one)")
-    if lock is not None:
-        if fresh:  # a continued run announces itself once accepted (see `train`), leaving a refused one untouched
-            lock.announce()
-        for path in remove_stale_temporaries(output_dir / "checkpoints"):
-            log.info("Removed %s, left by a process that was killed while writing a checkpoint", path)
-    return lock, fresh
+    return claim(output_dir, continuing, lock=distributed.env_rank() == 0)
 
 
 def _write_record(output_dir: Path, container: dict[str, Any], fresh: bool) -> None:
@@ -451,7 +396,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         print(f"error: {ex}", file=sys.stderr)
         if held_log.fresh:
             held_log.release(keep=False)
-            _discard_if_empty(Path(cfg.paths.output_dir))
+            discard_if_empty(Path(cfg.paths.output_dir))
         sys.exit(2)
     except KeyboardInterrupt as ex:
         print(f"interrupted: {ex}", file=sys.stderr)
@@ -466,67 +411,6 @@ def _hydra_main(cfg: DictConfig) -> float:
     return float(results["val"][results["metric"]]) if results else math.nan
 
 
-def _discard_if_empty(output_dir: Path) -> None:
-    """Remove a new run's directory that a refused command left with nothing but its lock and log."""
-    if {p.name for p in output_dir.iterdir()} <= {LOCK_NAME, "train.log"}:
-        for name in (LOCK_NAME, "train.log"):
-            (output_dir / name).unlink(missing_ok=True)
-        output_dir.rmdir()
-
-
-def _one_line(ex: BaseException) -> str:
-    """Condense Hydra/OmegaConf's multi-line errors to one line, keeping what names the key or option."""
-    cause: BaseException | None = ex
-    while cause is not None:  # OmegaConf re-raises a resolver's error as the context of its own
-        if isinstance(cause, EXPECTED):  # raised by one of our resolvers (e.g. the run directory's)
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__
-    parts: list[str] = []
-    for e in (ex, ex.__cause__):
-        if e is None:
-            continue
-        text = str(e).split("Config search path")[0]
-        parts += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
-            ("full_key:", "object_type=", "reference_type="))]
-    return " ".join(dict.fromkeys(parts))
-
-
-def _did_you_mean(ex: BaseException) -> str | None:
-    """For `group.missspelt=value` (a key its group does not have), the one line that names the closest
-    keys of the group, instead of Hydra's hint to add the key with `+`, which only leads to a second error."""
-    match = re.search(r"Could not override '([^']+)'", str(ex))
-    parent = getattr(ex.__cause__, "parent_node", None)
-    if match is None or not isinstance(parent, DictConfig):
-        return None
-    key = match.group(1)
-    group, _, name = key.rpartition(".")
-    options = [str(k) for k in parent.keys()]
-    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
-    prefix = f"{group}." if group else ""
-    if close:
-        hint = "did you mean " + " or ".join(f"{prefix}{c}" for c in close) + "?"
-    else:
-        hint = f"the settings there are {', '.join(prefix + o for o in options)}"
-    return f"{key}: no such setting; {hint} (+{key}=... would add it as a new key)"
-
-
-def _failed_jobs(ex: JobFailed) -> str:
-    """All failed jobs of the sweep that `ex` (the first failure) belongs to, with their count."""
-    match = re.match(r"job \d+ \((.*)\) failed:", str(ex))
-    sweep = Path(match.group(1)).parent if match else None
-    if sweep is None or not sweep.is_dir():
-        return str(ex)
-    jobs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
-    failures = []
-    for job in jobs:
-        if (job / "failed.json").is_file():
-            record = json.loads((job / "failed.json").read_text())
-            failures.append(f"job {job.name} ({job}): {record['error']}: {record['message']}")
-    if not failures:
-        return str(ex)
-    return f"{len(failures)} of {len(jobs)} jobs failed: " + "; ".join(failures)
-
-
 def main() -> None:
     """Console entry point. Configuration errors become one line on stderr and exit status 2."""
     keep_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
@@ -534,12 +418,12 @@ def main() -> None:
     try:
         _hydra_main()
     except JobFailed as ex:  # the sweep ran every job it could; report the failures
-        print(f"error: sweep finished with failed jobs; {_failed_jobs(ex)}", file=sys.stderr)
+        print(f"error: sweep finished with failed jobs; {failed_jobs(str(ex))}", file=sys.stderr)
         sys.exit(1)
     except (HydraException, OmegaConfBaseException) as ex:
         if keep_traceback:
             raise
-        print(f"error: {_did_you_mean(ex) or _one_line(ex)}", file=sys.stderr)
+        print(f"error: {did_you_mean(ex) or one_line(ex, EXPECTED)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as ex:  # before or after the run itself (composition, Hydra's set-up)
         print(f"interrupted: {ex or 'stopped by Ctrl-C'} during set-up", file=sys.stderr)
