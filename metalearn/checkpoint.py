@@ -107,6 +107,7 @@ def checkpoint_in(path: Path) -> Path:
 # Settings that may change when a run is continued: the budget, where and how it runs, how often it
 # evaluates, logs and checkpoints, and the run's label. Every other setting must equal the run's own.
 RESUME_KEYS = ("ckpt_path", "name", "trainer.resume", "trainer.max_steps", "trainer.progress", "trainer.device",
+               "trainer.precision", "trainer.compile",
                "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every", "trainer.eval_batch_size",
                "paths.", "logger.")
 

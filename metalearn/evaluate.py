@@ -29,7 +29,7 @@ from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights,
 from metalearn.checks import one_of, positive_int
 from metalearn.metrics import eval_metrics, query_metric
 from metalearn.rundir import write_new
-from metalearn.runtime import resolve_device
+from metalearn.runtime import resolve_device, resolve_precision
 from metalearn.tasks import Split, TrainingBatches
 from metalearn.train import ConfigError, OutputSizeError, build_learner
 from metalearn.trainer import evaluate_tasks
@@ -160,7 +160,9 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     seed = request.seed if request.seed is not None else int(cfg.trainer.get(f"{split}_seed", cfg.trainer.test_seed))
     batch_size = request.batch_size or int(cfg.trainer.eval_batch_size)
     torch.manual_seed(seed)  # any randomness inside adaptation is part of the evaluation's seed
-    scores = evaluate_tasks(algorithm, tasks, split, request.episodes, seed, batch_size, device)
+    # Runs recorded before trainer.precision existed computed in float32.
+    precision = resolve_precision(str(cfg.trainer.get("precision", "float32")), device, algorithm.model)
+    scores = evaluate_tasks(algorithm, tasks, split, request.episodes, seed, batch_size, device, precision)
     metric = query_metric(tasks.objective.metric)
     summary = {k.split("/", 1)[1]: v for k, v in eval_metrics(scores, split, tasks.objective.metric).items()}
     results = {

@@ -32,6 +32,12 @@ class Objective(Protocol):
         ...
 
 
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """`tensor` in float32 if it is in a reduced precision (bfloat16 or float16 under autocast), else
+    unchanged (float64 stays float64): losses and distances are computed at full precision."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 @dataclass(frozen=True)
 class Regression:
     """Mean squared error; the reported metric is the MSE itself."""
@@ -40,10 +46,10 @@ class Regression:
     higher_is_better: bool = False
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(prediction, target)
+        return F.mse_loss(at_least_float32(prediction), at_least_float32(target))
 
     def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(prediction, target)
+        return F.mse_loss(at_least_float32(prediction), at_least_float32(target))
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Classification:
     higher_is_better: bool = True
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(prediction, target)
+        return F.cross_entropy(at_least_float32(prediction), target)
 
     def score(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (prediction.argmax(dim=-1) == target).to(torch.float32).mean()

@@ -34,7 +34,7 @@ from metalearn.metrics import (
     step_metrics,
     tag,
 )
-from metalearn.runtime import resolve_device, stop_on_signal
+from metalearn.runtime import autocast, resolve_device, resolve_precision, stop_on_signal
 from metalearn.tasks import Split, TaskSampler, fixed_batches
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def evaluate_tasks(algorithm: MetaAlgorithm, tasks: TaskSampler, split: Split, n_tasks: int, seed: int,
-                   batch_size: int, device: torch.device) -> TaskScores:
-    """Per-task scores of `algorithm` on the fixed task set (`split`, `n_tasks`, `seed`), in eval mode."""
+                   batch_size: int, device: torch.device, precision: torch.dtype = torch.float32) -> TaskScores:
+    """Per-task scores of `algorithm` on the fixed task set (`split`, `n_tasks`, `seed`), in eval mode,
+    computed in `precision` (see `runtime.resolve_precision`)."""
     was_training = algorithm.training
     algorithm.eval()
     try:
-        parts = [algorithm.evaluate(batch.to(device))
-                 for batch in fixed_batches(tasks, split, n_tasks, seed, batch_size)]
+        parts = []
+        for batch in fixed_batches(tasks, split, n_tasks, seed, batch_size):
+            with autocast(device, precision):
+                parts.append(algorithm.evaluate(batch.to(device)))
     finally:
         algorithm.train(was_training)
     return TaskScores.cat(parts)
@@ -78,6 +81,10 @@ class Trainer:
         eval_batch_size: tasks per evaluation batch.
         grad_clip: clip the meta-gradient norm to this value (None: no clipping).
         device: auto, cpu or cuda[:N].
+        precision: float32, bfloat16 (autocast) or auto (bfloat16 for convolutional models on CPUs with
+            native bfloat16, float32 elsewhere); see `runtime.resolve_precision`.
+        compile: compile the algorithm's per-task computation with torch.compile: true, false or auto
+            (where it is measured to be faster; see the algorithm's `use_compile`).
         seed: seed of the training-task generator.
         resume: continue from `output_dir/checkpoints/last.pt` if it exists.
         ckpt_path: continue from this checkpoint instead.
@@ -91,8 +98,8 @@ class Trainer:
         max_steps: int = 10_000, meta_batch_size: int = 25, eval_every: int = 1000, log_every: int = 50,
         checkpoint_every: int = 1000, val_tasks: int = 100, test_tasks: int = 600, val_seed: int = 1,
         test_seed: int = 2, eval_batch_size: int = 100, grad_clip: float | None = None, device: str = "auto",
-        seed: int = 0, resume: bool = False, ckpt_path: Path | None = None, run_config: dict[str, Any] | None = None,
-        progress: bool = True,
+        precision: str = "auto", compile: bool | str = "auto", seed: int = 0, resume: bool = False,
+        ckpt_path: Path | None = None, run_config: dict[str, Any] | None = None, progress: bool = True,
     ) -> None:
         for name in ("max_steps", "meta_batch_size", "eval_every", "log_every", "checkpoint_every", "val_tasks",
                      "test_tasks", "eval_batch_size"):
@@ -107,6 +114,8 @@ class Trainer:
             raise ValueError(f"{type(algorithm).__name__} updates its meta-parameters itself; it cannot be split "
                              "across processes")
         self.algorithm = algorithm.to(self.device)
+        self.precision = resolve_precision(precision, self.device, algorithm.model)
+        self.compiled = algorithm.use_compile(compile, self.device)
         self.algorithm.bind_optimizer(optimizer)
         self.tasks, self.optimizer, self.scheduler, self.make_logger = tasks, optimizer, scheduler, logger
         self.output_dir, self.ckpt_dir = output_dir, output_dir / "checkpoints"
@@ -158,7 +167,8 @@ class Trainer:
     def evaluate(self, split: Split) -> dict[str, float]:
         """Scores on the fixed task set of `split`: mean and 95% CI over tasks, before/after adaptation."""
         n_tasks, seed = self.eval_sets[split]
-        scores = evaluate_tasks(self.algorithm, self.tasks, split, n_tasks, seed, self.eval_batch_size, self.device)
+        scores = evaluate_tasks(self.algorithm, self.tasks, split, n_tasks, seed, self.eval_batch_size, self.device,
+                                self.precision)
         return eval_metrics(scores, split, self.tasks.objective.metric)
 
     def _improved(self, value: float) -> bool:
@@ -175,7 +185,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.algorithm.set_progress(self.step, self.max_steps)
         self.algorithm.measure_pre_adaptation = (self.step + 1) % self.log_every == 0  # only logged steps
-        result = self.algorithm.meta_train_step(batch)
+        with autocast(self.device, self.precision):
+            result = self.algorithm.meta_train_step(batch)
         scalars = step_metrics(result, self.tasks.objective.metric)
         if self.world > 1:
             distributed.average_gradients(self.algorithm)
@@ -306,6 +317,7 @@ class Trainer:
         results = {
             "metric": self.metric, "higher_is_better": self.higher_is_better, "step": self.step,
             "best_step": self.best_step, "wall_time_s": round(self.elapsed, 1), "device": str(self.device),
+            "precision": str(self.precision).removeprefix("torch."), "compiled": self.compiled,
             "val": {k.split("/", 1)[1]: v for k, v in val.items()},
             "test": {k.split("/", 1)[1]: v for k, v in test.items()},
         }

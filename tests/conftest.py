@@ -32,6 +32,7 @@ TINY = [
     "trainer.eval_batch_size=4",
     "trainer.device=cpu",
     "trainer.progress=false",
+    "trainer.compile=false",  # compiling takes half a minute; tests/algorithms/test_compile.py covers it
 ]
 
 Composer = Callable[..., DictConfig]

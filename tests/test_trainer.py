@@ -154,7 +154,10 @@ def test_best_checkpoint_follows_validation_and_is_the_one_tested(tmp_path: Path
 
 
 @pytest.mark.parametrize(("setting", "message"), [({"max_steps": 0}, "max_steps=0"),
-                                                   ({"device": "tpu"}, "device='tpu'")])
+                                                   ({"device": "tpu"}, "device='tpu'"),
+                                                   ({"precision": "half"}, "precision='half'"),
+                                                   ({"compile": "yes"}, "compile='yes'"),
+                                                   ({"compile": True}, "compile=true: compiles the per-task path")])
 def test_bad_trainer_settings_name_the_argument(tmp_path: Path, setting: dict, message: str) -> None:
     tasks = SinusoidTasks()
     algorithm = MAML(MLP(1, 1), tasks.objective)

@@ -108,6 +108,16 @@ class MetaAlgorithm(nn.Module, ABC):
             return tasks.illustrate(self.predict, generator)
         return None
 
+    def use_compile(self, compile: bool | str, device: torch.device) -> bool:
+        """Compile the algorithm's per-task computation with torch.compile: true, false or "auto"
+        (where it is measured to be faster on `device`). Returns whether it compiles. By default there
+        is no compiled path: false and auto are accepted, true is refused."""
+        if compile is True:
+            raise ValueError(f"compile=true: {type(self).__name__} has no compiled path; use auto or false")
+        if compile not in (False, "auto"):
+            raise ValueError(f"compile={compile!r}: must be true, false or auto")
+        return False
+
     def set_progress(self, step: int, max_steps: int) -> None:
         """Called by the trainer before each meta-training step with the 0-based index of that step.
 

@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -37,7 +38,10 @@ from metalearn.checkpoint import CheckpointError, load_checkpoint
 from metalearn.checks import non_negative_float, positive_int
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
+from metalearn.runtime import is_convolutional
 from metalearn.tasks import Task, TaskBatch
+
+log = logging.getLogger(__name__)
 
 
 def load_update_rule(rule: nn.Module, path: Path) -> None:
@@ -66,8 +70,7 @@ def running_statistics(model: nn.Module) -> list[str]:
 def choose_vectorize(model: nn.Module, vectorize: bool | str) -> bool:
     """Resolve `vectorize` (true, false or "auto") for `model`; a clear error for a combination vmap cannot run."""
     if vectorize == "auto":
-        convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-        return not convolutional and not running_statistics(model)
+        return not is_convolutional(model) and not running_statistics(model)
     if not isinstance(vectorize, bool):
         raise ValueError(f"vectorize={vectorize!r}: must be true, false or auto")
     if vectorize and running_statistics(model):
@@ -142,6 +145,24 @@ class MAML(MetaAlgorithm):
         self.second_order_steps = (None if second_order_steps is None
                                    else positive_int("second_order_steps", second_order_steps))
         self.vectorize = choose_vectorize(model, vectorize)
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self._compile_works = False
+
+    def use_compile(self, compile: bool | str, device: torch.device) -> bool:
+        """Compile each task's training computation (inner loop, query loss, and with them the graph of
+        the meta-gradient) with torch.compile. "auto" compiles on CPU for convolutional models on the
+        per-task path, where it is measured to be faster (docs/performance.md); GPUs and vmap keep the
+        eager path. The first training step pays the compilation (about half a minute for Conv-4)."""
+        if compile == "auto":
+            compile = device.type == "cpu" and not self.vectorize and is_convolutional(self.model)
+        elif not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r}: must be true, false or auto")
+        elif compile and self.vectorize:
+            raise ValueError("compile=true: compiles the per-task path; it needs algorithm.vectorize=false "
+                             "(or auto, which loops for convolutional models)")
+        self._compiled = torch.compile(self._adapted_outcome, dynamic=False) if compile else None
+        self._compile_works = False
+        return compile
 
     def step_size(self, step: int) -> LearningRate:
         """The inner learning rate of inner step `step`: a number, or a tensor per parameter name.
@@ -193,12 +214,13 @@ class MAML(MetaAlgorithm):
     def _gradients(self, loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
         """Gradients of `loss_fn` at `params`; differentiable by the outer pass iff `create_graph`.
 
-        Under vmap only torch.func.grad transforms correctly. On the per-task path autograd.grad is
-        about 4x faster for small models (less dispatch), so each path uses its own engine.
+        Under vmap only torch.func.grad transforms correctly, and torch.compile traces it into one
+        graph with the rest of the task. On the eager per-task path autograd.grad is about 4x faster for
+        small models (less dispatch), so each path uses its own engine.
         """
         # First order: differentiate at a detached copy, so the gradient is a constant to the outer
         # pass (and costs no second-order graph) while the update still flows through the identity path.
-        if self.vectorize:
+        if self.vectorize or torch.compiler.is_compiling():
             return grad(loss_fn)(params if create_graph else detach_all(params))
         with torch.enable_grad():
             at = params if create_graph else {k: p.detach().requires_grad_() for k, p in params.items()}
@@ -206,13 +228,41 @@ class MAML(MetaAlgorithm):
                                          allow_unused=True, materialize_grads=True)
         return dict(zip(at, values))
 
+    def _adapted_outcome(
+        self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+        query_y: Tensor, steps: int, create_graph: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """One task's query loss after adaptation (differentiable) and its query score: the part of a
+        training step that `torch.compile` compiles (see `use_compile`)."""
+        trajectory = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
+        loss, after = self.outer_loss(trajectory, buffers, query_x, query_y)
+        return loss, self.objective.score(after.detach(), query_y)
+
+    def _compiled_outcome(self, *args: Any) -> tuple[Tensor, Tensor]:
+        """`_adapted_outcome` compiled. If compiling fails on the first call (no C++ compiler, an
+        operation the compiler does not support), warn once and continue without compiling."""
+        assert self._compiled is not None
+        if self._compile_works:
+            return self._compiled(*args)
+        try:
+            outcome = self._compiled(*args)
+        except Exception as ex:  # noqa: BLE001 - any failure to compile falls back to the same function, eager
+            first = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
+            log.warning("torch.compile failed (%s: %s); training continues without compiling "
+                        "(trainer.compile=false skips the attempt)", type(ex).__name__, first)
+            self._compiled = None
+            return self._adapted_outcome(*args)
+        self._compile_works = True
+        return outcome
+
     def _task_outcome(
         self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
         query_y: Tensor, *, steps: int, create_graph: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Query loss after adaptation (differentiable), then detached pre-loss, score, pre-score."""
-        trajectory = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
-        loss, after = self.outer_loss(trajectory, buffers, query_x, query_y)
+        args = (params, buffers, support_x, support_y, query_x, query_y, steps, create_graph)
+        compiled = self._compiled is not None and torch.is_grad_enabled() and not self.vectorize
+        loss, score = self._compiled_outcome(*args) if compiled else self._adapted_outcome(*args)
         if self.measure_pre_adaptation or not torch.is_grad_enabled():
             with torch.no_grad():
                 set_adaptation_step(self.model, 0)
@@ -221,7 +271,7 @@ class MAML(MetaAlgorithm):
             loss_pre, score_pre = self.objective.loss(before, query_y), self.objective.score(before, query_y)
         else:
             loss_pre = score_pre = torch.full_like(loss.detach(), math.nan)
-        return loss, loss_pre, self.objective.score(after.detach(), query_y), score_pre
+        return loss, loss_pre, score, score_pre
 
     def _batch_outcome(self, batch: TaskBatch, *, steps: int, create_graph: bool,
                        backward: bool = False) -> tuple[Tensor, ...]:

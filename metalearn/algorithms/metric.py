@@ -24,7 +24,7 @@ from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
 from metalearn.checks import positive_float
 from metalearn.models.norm import PerStepBatchNorm2d
-from metalearn.objectives import Classification, Objective
+from metalearn.objectives import Classification, Objective, at_least_float32
 from metalearn.tasks import Task, TaskBatch, TaskSampler
 
 
@@ -39,14 +39,17 @@ def mixes_examples(model: nn.Module) -> bool:
 def embed_sets(model: nn.Module, sets: Sequence[Tensor]) -> list[Tensor]:
     """Embeddings [T, n_i, *feature_shape] of image sets [T, n_i, ...] (support, query, ...).
 
+    The embeddings are at least float32, also under reduced-precision autocast (trainer.precision), so that
+    distances, prototypes and similarities are computed at full precision.
+
     Batch-statistics normalisation (`mixes_examples`) makes an image's embedding depend on its batch;
     then every task's sets get their own forward pass, so nothing leaks between tasks or from a query
     set into a support set. Otherwise (running statistics in eval mode, GroupNorm, none) all images
     go through the network in one pass, with the same result.
     """
     if mixes_examples(model):
-        return [torch.stack([model(images) for images in per_task]) for per_task in sets]
-    flat = model(torch.cat([images.flatten(0, 1) for images in sets]))
+        return [torch.stack([at_least_float32(model(images)) for images in per_task]) for per_task in sets]
+    flat = at_least_float32(model(torch.cat([images.flatten(0, 1) for images in sets])))
     parts = flat.split([images.shape[0] * images.shape[1] for images in sets])
     return [part.view(images.shape[0], images.shape[1], *part.shape[1:]) for part, images in zip(parts, sets)]
 
