@@ -147,12 +147,16 @@ class MAML(MetaAlgorithm):
         self.vectorize = choose_vectorize(model, vectorize)
         self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
         self._compile_works = False
+        self._channels_last = False
 
     def use_compile(self, compile: bool | str, device: torch.device) -> bool:
         """Compile each task's training computation (inner loop, query loss, and with them the graph of
         the meta-gradient) with torch.compile. "auto" compiles on CPU for convolutional models on the
         per-task path, where it is measured to be faster (docs/performance.md); GPUs and vmap keep the
-        eager path. The first training step pays the compilation (about half a minute for Conv-4)."""
+        eager path. The first training step pays the compilation (about half a minute for Conv-4).
+        Compiled on CPU, a convolutional model keeps its weights, and the compiled computation its
+        images, in the channels-last (NHWC) layout, which the compiled convolutions run faster on (the
+        values are the same up to rounding)."""
         if compile == "auto":
             compile = device.type == "cpu" and not self.vectorize and is_convolutional(self.model)
         elif not isinstance(compile, bool):
@@ -162,6 +166,9 @@ class MAML(MetaAlgorithm):
                              "(or auto, which loops for convolutional models)")
         self._compiled = torch.compile(self._adapted_outcome, dynamic=False) if compile else None
         self._compile_works = False
+        self._channels_last = compile and device.type == "cpu" and is_convolutional(self.model)
+        if self._channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
         return compile
 
     def step_size(self, step: int) -> LearningRate:
@@ -234,6 +241,9 @@ class MAML(MetaAlgorithm):
     ) -> tuple[Tensor, Tensor]:
         """One task's query loss after adaptation (differentiable) and its query score: the part of a
         training step that `torch.compile` compiles (see `use_compile`)."""
+        if self._channels_last and support_x.dim() == 4:
+            support_x = support_x.contiguous(memory_format=torch.channels_last)
+            query_x = query_x.contiguous(memory_format=torch.channels_last)
         trajectory = self._inner_loop(params, buffers, support_x, support_y, steps, create_graph)
         loss, after = self.outer_loss(trajectory, buffers, query_x, query_y)
         return loss, self.objective.score(after.detach(), query_y)
