@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn import runtime
+from metalearn.algorithms.anil import ANIL
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.mamlpp import MAMLPlusPlus
 from metalearn.algorithms.metasgd import MetaSGD
@@ -112,12 +113,19 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch: py
 
 
 def test_compile_auto_follows_device_model_and_path() -> None:
-    assert MAML(tiny_conv(), Classification()).use_compile("auto", CPU)
+    maml = MAML(tiny_conv(), Classification())
+    assert maml.use_compile("auto", CPU)
+    assert not maml.model.features[3].weight.is_contiguous()  # channels-last (8 input channels)
     assert not MAML(tiny_conv(), Classification()).use_compile("auto", torch.device("cuda"))  # GPUs stay eager
     assert not MAML(MLP(1, 1), Regression()).use_compile("auto", CPU)  # vmap path
     assert not MAML(tiny_conv(), Classification(), vectorize=False).use_compile(False, CPU)
     with pytest.raises(ValueError, match="compile=true: compiles the per-task path; it needs algorithm.vectorize"):
         MAML(MLP(1, 1), Regression(), vectorize=True).use_compile(True, CPU)
+    anil = ANIL(tiny_conv(), Classification())  # its own per-task path, never compiled
+    assert not anil.use_compile("auto", CPU)
+    assert anil.model.features[3].weight.is_contiguous()  # and no channels-last weights for eager convolutions
+    with pytest.raises(ValueError, match="compile=true: ANIL has no compiled path"):
+        anil.use_compile(True, CPU)
     protonet = ProtoNet(tiny_conv(), Classification())
     assert not protonet.use_compile("auto", CPU)
     with pytest.raises(ValueError, match="compile=true: ProtoNet has no compiled path"):
