@@ -49,3 +49,10 @@ def one_of(name: str, value: str, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name}={value!r}: must be one of {', '.join(options)}")
     return value
+
+
+def true_false_auto(name: str, value: bool | str) -> bool | str:
+    """Return `value` if it is true, false or "auto", else raise ValueError naming it."""
+    if value != "auto" and not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be true, false or auto")
+    return value

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params, buffers_of, forward_with
+from metalearn.checks import true_false_auto
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
 from metalearn.tasks import Illustrated, Task, TaskBatch, TaskSampler
@@ -112,10 +113,8 @@ class MetaAlgorithm(nn.Module, ABC):
         """Compile the algorithm's per-task computation with torch.compile: true, false or "auto"
         (where it is measured to be faster on `device`). Returns whether it compiles. By default there
         is no compiled path: false and auto are accepted, true is refused."""
-        if compile is True:
+        if true_false_auto("compile", compile) is True:
             raise ValueError(f"compile=true: {type(self).__name__} has no compiled path; use auto or false")
-        if compile not in (False, "auto"):
-            raise ValueError(f"compile={compile!r}: must be true, false or auto")
         return False
 
     def set_progress(self, step: int, max_steps: int) -> None:

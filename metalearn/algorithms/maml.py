@@ -11,7 +11,6 @@ References:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -35,13 +34,11 @@ from metalearn.algorithms.functional import (
     params_of,
 )
 from metalearn.checkpoint import CheckpointError, load_checkpoint
-from metalearn.checks import non_negative_float, positive_int
+from metalearn.checks import non_negative_float, positive_int, true_false_auto
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
-from metalearn.runtime import is_convolutional
+from metalearn.runtime import Compiled, is_convolutional
 from metalearn.tasks import Task, TaskBatch
-
-log = logging.getLogger(__name__)
 
 
 def load_update_rule(rule: nn.Module, path: Path) -> None:
@@ -69,15 +66,13 @@ def running_statistics(model: nn.Module) -> list[str]:
 
 def choose_vectorize(model: nn.Module, vectorize: bool | str) -> bool:
     """Resolve `vectorize` (true, false or "auto") for `model`; a clear error for a combination vmap cannot run."""
-    if vectorize == "auto":
+    if true_false_auto("vectorize", vectorize) == "auto":
         return not is_convolutional(model) and not running_statistics(model)
-    if not isinstance(vectorize, bool):
-        raise ValueError(f"vectorize={vectorize!r}: must be true, false or auto")
     if vectorize and running_statistics(model):
         raise ValueError(f"vectorize=True: the model's BatchNorm layers ({running_statistics(model)[0]}, ...) keep "
                          "running statistics, which vmap cannot update per task; set vectorize to false or auto, "
                          "or use batch statistics only (model.norm=batch)")
-    return vectorize
+    return bool(vectorize)
 
 
 class MAML(MetaAlgorithm):
@@ -145,8 +140,7 @@ class MAML(MetaAlgorithm):
         self.second_order_steps = (None if second_order_steps is None
                                    else positive_int("second_order_steps", second_order_steps))
         self.vectorize = choose_vectorize(model, vectorize)
-        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
-        self._compile_works = False
+        self._compiled: Compiled | None = None
         self._channels_last = False
 
     def use_compile(self, compile: bool | str, device: torch.device) -> bool:
@@ -157,19 +151,16 @@ class MAML(MetaAlgorithm):
         Compiled on CPU, a convolutional model keeps its weights, and the compiled computation its
         images, in the channels-last (NHWC) layout, which the compiled convolutions run faster on (the
         values are the same up to rounding)."""
-        if compile == "auto":
+        if true_false_auto("compile", compile) == "auto":
             compile = device.type == "cpu" and not self.vectorize and is_convolutional(self.model)
-        elif not isinstance(compile, bool):
-            raise ValueError(f"compile={compile!r}: must be true, false or auto")
         elif compile and self.vectorize:
             raise ValueError("compile=true: compiles the per-task path; it needs algorithm.vectorize=false "
                              "(or auto, which loops for convolutional models)")
-        self._compiled = torch.compile(self._adapted_outcome, dynamic=False) if compile else None
-        self._compile_works = False
-        self._channels_last = compile and device.type == "cpu" and is_convolutional(self.model)
+        self._compiled = Compiled(self._adapted_outcome) if compile else None
+        self._channels_last = bool(compile) and device.type == "cpu" and is_convolutional(self.model)
         if self._channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
-        return compile
+        return bool(compile)
 
     def step_size(self, step: int) -> LearningRate:
         """The inner learning rate of inner step `step`: a number, or a tensor per parameter name.
@@ -248,31 +239,15 @@ class MAML(MetaAlgorithm):
         loss, after = self.outer_loss(trajectory, buffers, query_x, query_y)
         return loss, self.objective.score(after.detach(), query_y)
 
-    def _compiled_outcome(self, *args: Any) -> tuple[Tensor, Tensor]:
-        """`_adapted_outcome` compiled. If compiling fails on the first call (no C++ compiler, an
-        operation the compiler does not support), warn once and continue without compiling."""
-        assert self._compiled is not None
-        if self._compile_works:
-            return self._compiled(*args)
-        try:
-            outcome = self._compiled(*args)
-        except Exception as ex:  # noqa: BLE001 - any failure to compile falls back to the same function, eager
-            first = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
-            log.warning("torch.compile failed (%s: %s); training continues without compiling "
-                        "(trainer.compile=false skips the attempt)", type(ex).__name__, first)
-            self._compiled = None
-            return self._adapted_outcome(*args)
-        self._compile_works = True
-        return outcome
-
     def _task_outcome(
         self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
         query_y: Tensor, *, steps: int, create_graph: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Query loss after adaptation (differentiable), then detached pre-loss, score, pre-score."""
         args = (params, buffers, support_x, support_y, query_x, query_y, steps, create_graph)
-        compiled = self._compiled is not None and torch.is_grad_enabled() and not self.vectorize
-        loss, score = self._compiled_outcome(*args) if compiled else self._adapted_outcome(*args)
+        # Training steps only: evaluation (no gradients) stays eager rather than compile a second graph.
+        run = self._compiled if self._compiled is not None and torch.is_grad_enabled() else self._adapted_outcome
+        loss, score = run(*args)
         if self.measure_pre_adaptation or not torch.is_grad_enabled():
             with torch.no_grad():
                 set_adaptation_step(self.model, 0)

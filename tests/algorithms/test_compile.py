@@ -58,7 +58,7 @@ def assert_same_gradients(make: Maker, norm: str = "batch") -> None:
     assert not eager.use_compile(False, CPU) and compiled.use_compile(True, CPU)
     batch = episodes()
     expected, actual = meta_gradient(eager, batch), meta_gradient(compiled, batch)
-    assert compiled._compile_works, "the compiled path was not taken"
+    assert compiled._compiled is not None and compiled._compiled.works, "the compiled path was not taken"
     assert expected.keys() == actual.keys()
     for name in expected:
         # Conv biases before batch-statistics BatchNorm have a zero gradient up to rounding: atol.
