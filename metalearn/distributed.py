@@ -10,6 +10,7 @@ Gloo serves CPUs, NCCL GPUs. Processes are started by `torchrun`, which sets RAN
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import fields, is_dataclass, replace
 from typing import Any, TypeVar
@@ -45,7 +46,21 @@ def init_process_group() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.fsdp (imported by torch._dynamo, which the algorithms import when they compile
+    # or ask whether they are being compiled) stores `dist.group.WORLD` in default arguments when it is
+    # first imported. Imported after joining, it would hold the group for good: `leave()` could not
+    # free it and its Gloo threads would die with the interpreter. Imported first, it stores None.
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+
+
+def leave() -> None:
+    """Leave the job (no-op when not joined); every process calls this before it exits. A process that
+    exits still joined leaves Gloo's worker threads running while the interpreter is torn down, and
+    one of them releasing a tensor then aborts the process (SIGABRT), after which torchrun stops the
+    other processes as failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree(value: str) -> str:

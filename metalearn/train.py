@@ -331,6 +331,7 @@ def train(cfg: DictConfig, held_log: HeldLog | None = None) -> dict[str, Any]:
     except KeyboardInterrupt as ex:
         raise _interrupted(ex, trainer) from ex
     finally:
+        distributed.leave()
         if lock is not None:
             lock.release()
     if not results:  # a process other than rank 0 of a distributed run

@@ -96,6 +96,35 @@ def test_shard_needs_equal_shares() -> None:
         shard(batch, 0, 3)
 
 
+LEAVE_SCRIPT = """
+import os, torch
+from metalearn import distributed
+distributed.init_process_group()
+import torch._dynamo  # as compiling does, after joining
+distributed.average_([torch.ones(2)])
+distributed.leave()
+print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+def test_leaving_the_job_stops_gloos_threads(tmp_path: Path) -> None:
+    """Every process leaves the job before it exits, and leaving frees the group whatever was imported
+    after joining: no Gloo thread is left for the interpreter's teardown to kill (which aborted a
+    torchrun process now and then with "terminate called without an active exception")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+                           str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(threads) == 2, proc.stdout
+    assert not [line for line in threads if "gloo" in line], threads
+
+
 def test_torchrun_two_processes_train_like_one(tmp_path: Path, cache_dir: Path) -> None:
     """`torchrun --nproc_per_node=2 metalearn ...`: one run directory written by rank 0, and after training
     the same weights (up to summation order) as one process on the whole meta-batch."""
