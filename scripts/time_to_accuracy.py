@@ -7,7 +7,8 @@ scripts/bench_peers.py for how to install it) the way its README and Omniglot ex
 `clone()`, `adapt()` on the support loss, the query loss, `backward()`, one Adam step per meta-batch; float32,
 eager. Everything else is metalearn's, so that only the training loop differs: the experiment's config
 (`--experiment`, default maml_omniglot_5w1s_quick: Conv-4 with 64 stride-2 filters and batch-statistics
-BatchNorm, 5-way 1-shot 15-query, meta-batch 16, inner lr 0.4, Adam 1e-3), the same initial weights (the
+BatchNorm, 5-way 1-shot 15-query, meta-batch 16, inner lr 0.4, Adam 1e-3 and the experiment's
+learning-rate schedule), the same initial weights (the
 run's seed), the same training episodes (the trainer's generator), the same fixed validation tasks, and
 the same evaluation protocol (3 inner steps at test, accuracy on the query set). Wall time counts from
 the first training step and includes the validations, as metalearn's trainer counts it. It stops at the
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 from bench_peers import INSTALL, import_learn2learn
+from hydra.utils import instantiate
 from torch import Tensor
 
 from metalearn.objectives import Classification
@@ -75,6 +77,8 @@ def train_peer(args: argparse.Namespace) -> None:
     model, objective = algorithm.model, Classification()
     maml = l2l.MAML(model, lr=float(cfg.algorithm.inner_lr), first_order=bool(cfg.algorithm.first_order))
     optimizer = torch.optim.Adam(maml.parameters(), lr=float(cfg.optimizer.lr))
+    # The experiment's learning-rate schedule, if it has one, stepped once per meta-step as the trainer does.
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
     trainer = cfg.trainer
     generator = torch.Generator().manual_seed(int(cfg.seed))  # the trainer's training-episode stream
     val = list(fixed_batches(tasks, "val", int(trainer.val_tasks), int(trainer.val_seed),
@@ -93,6 +97,8 @@ def train_peer(args: argparse.Namespace) -> None:
             learner.adapt(objective.loss(learner(batch.support_x[t]), batch.support_y[t]))
             (objective.loss(learner(batch.query_x[t]), batch.query_y[t]) / n).backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         last = step == int(trainer.max_steps) or time.perf_counter() - start >= limit
         if step % int(trainer.eval_every) == 0 or last:
             steps = int(cfg.algorithm.eval_inner_steps or cfg.algorithm.inner_steps)

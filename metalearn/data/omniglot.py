@@ -4,13 +4,17 @@ Split schemes:
     vinyals: the standard few-shot benchmark (Vinyals et al., 2016): 1028 / 172 / 423 characters from
         the background and evaluation sets together, each rotated by 0/90/180/270 degrees as a class of
         its own (4112 / 688 / 1692 classes).
+    vinyals_trainval: vinyals, trained on its train and val characters together (1200 characters, 4800
+        classes), as Snell et al. (2017) trained for the figures they report. Validation still draws
+        from the 172 val characters, which are now training classes: it tracks fitting and chooses
+        the checkpoint without ever seeing a test class, but it is no estimate of held-out accuracy.
     lake: test on the 20 evaluation alphabets (659 characters) as in Lake et al.; validate on the five
         background alphabets `LAKE_VAL_ALPHABETS` (151 characters) and train on the other 25 (813).
         Lake's protocol has no validation alphabets, and choosing checkpoints on the test alphabets
         would tune on test classes.
     small1, small2: the "minimal" setting: train on a 5-alphabet small background set (136 / 156
         characters), validate on the 25 background alphabets outside it (828 / 808), test as lake.
-No character is in two splits of any scheme.
+Apart from vinyals_trainval's validation characters, no character is in two splits of any scheme.
 
 Decoded images are cached as uint8 tensors in `cache_dir`, so later starts load in about a second.
 """
@@ -45,7 +49,7 @@ ARCHIVES = {
     "small1": "images_background_small1",
     "small2": "images_background_small2",
 }
-SCHEMES = ("vinyals", "lake", "small1", "small2")
+SCHEMES = ("vinyals", "vinyals_trainval", "lake", "small1", "small2")
 CACHE_VERSION = 1
 # The lake scheme's validation alphabets: the last five of the 30 background alphabets in sorted order,
 # named rather than computed so that a partial copy of the data cannot shift the set.
@@ -177,10 +181,11 @@ def _scheme(root: Path, split: str, image_size: int, cache: Path | None) -> dict
     """The train, val and test classes of split scheme `split` (see the module docstring)."""
     evaluation = load_archive(root, "evaluation", image_size, cache)
     background = load_archive(root, "background", image_size, cache)
-    if split == "vinyals":
+    if split.startswith("vinyals"):
         images = torch.cat([background[0], evaluation[0]])
         characters = background[1] + evaluation[1]
-        return {s: _classes(images, characters, _vinyals_lines(s)) for s in ("train", "val", "test")}
+        lists = {"train": "trainval" if split == "vinyals_trainval" else "train", "val": "val", "test": "test"}
+        return {s: _classes(images, characters, _vinyals_lines(lists[s])) for s in ("train", "val", "test")}
     test = _classes(*evaluation, sorted(set(evaluation[1])))
     names = sorted(set(background[1]))
     if split == "lake":
@@ -204,7 +209,7 @@ class Omniglot(EpisodeSampler):
 
     Args:
         root: folder holding the archives (`images_background.zip`, ...) or their extracted folders.
-        split: split scheme, one of vinyals, lake, small1, small2.
+        split: split scheme, one of vinyals, vinyals_trainval, lake, small1, small2.
         n_way, k_shot, k_query: episode shape at evaluation (and at training unless overridden).
         image_size: side of the square images (28 in the standard benchmark).
         cache_dir: where decoded images are cached (None: no cache).

@@ -45,6 +45,17 @@ def test_vinyals_splits_share_no_character(vinyals: Omniglot) -> None:
     assert not characters["train"] & characters["test"] and not characters["val"] & characters["test"]
 
 
+def test_vinyals_trainval_trains_on_train_and_val(omniglot_root: Path, cache_dir: Path, vinyals: Omniglot) -> None:
+    """Snell et al.'s training set: the 1200 train and val characters (4800 classes); val and test as vinyals."""
+    trainval = Omniglot(str(omniglot_root), split="vinyals_trainval", cache_dir=str(cache_dir))
+    assert {s: images.num_classes for s, images in trainval.splits.items()} == {"train": 4800, "val": 688, "test": 1692}
+    assert set(trainval.splits["train"].class_names) == (set(vinyals.splits["train"].class_names)
+                                                        | set(vinyals.splits["val"].class_names))
+    for split in ("val", "test"):
+        assert trainval.splits[split].class_names == vinyals.splits[split].class_names
+        assert torch.equal(trainval.splits[split].images, vinyals.splits[split].images)
+
+
 def test_rotated_classes_are_rotations(vinyals: Omniglot) -> None:
     train = vinyals.splits["train"]
     base = train.class_names.index("Angelic/character01/rot000")
@@ -154,8 +165,12 @@ def test_no_character_is_in_two_splits(fake_root: Path, split: str) -> None:
     data = fake(fake_root, split=split)
     characters = {s: {name.rsplit("/rot", 1)[0] for name in images.class_names} for s, images in data.splits.items()}
     assert not characters["val"] & characters["test"], "validation must not choose checkpoints on test classes"
-    assert not characters["train"] & characters["val"] and not characters["train"] & characters["test"]
-    if split != "vinyals":  # the other schemes split by alphabet
+    assert not characters["train"] & characters["test"]
+    if split == "vinyals_trainval":  # trains on the validation characters too, as Snell et al. did
+        assert characters["val"] < characters["train"]
+    else:
+        assert not characters["train"] & characters["val"]
+    if not split.startswith("vinyals"):  # the other schemes split by alphabet
         found = {s: alphabets(images.class_names) for s, images in data.splits.items()}
         assert not found["val"] & found["test"] and not found["train"] & (found["val"] | found["test"])
 
