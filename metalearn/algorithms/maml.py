@@ -33,29 +33,12 @@ from metalearn.algorithms.functional import (
     make_inner_optimizer,
     params_of,
 )
-from metalearn.checkpoint import CheckpointError, load_checkpoint
 from metalearn.checks import non_negative_float, positive_int, true_false_auto
+from metalearn.l2o.optimizer import load_update_rule
 from metalearn.models.norm import set_adaptation_step
 from metalearn.objectives import Objective
 from metalearn.runtime import Compiled, is_convolutional
 from metalearn.tasks import Task, TaskBatch
-
-
-def load_update_rule(rule: nn.Module, path: Path) -> None:
-    """Load the weights of a learned optimizer trained by algorithm=l2o (its `model.*` entries) into
-    `rule`; a run directory means its best checkpoint."""
-    file = path / "checkpoints" / "best.pt" if path.is_dir() else path
-    try:
-        state = load_checkpoint(file, key="inner_optimizer_checkpoint")["algorithm"]
-    except CheckpointError as ex:
-        raise ValueError(str(ex)) from ex
-    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
-    try:
-        rule.load_state_dict(weights)
-    except RuntimeError as ex:
-        first = str(ex).strip().splitlines()[0]
-        raise ValueError(f"inner_optimizer_checkpoint={str(path)!r}: not a learned optimizer of this shape "
-                         f"({first})") from ex
 
 
 def running_statistics(model: nn.Module) -> list[str]:

@@ -12,11 +12,14 @@ References:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metalearn.checkpoint import CheckpointError, load_checkpoint
 
 # The LSTM's (h, c), each [layers, coordinates, hidden].
 LSTMState = tuple[Tensor, Tensor]
@@ -138,3 +141,20 @@ class LSTMOptimizer(nn.Module):
             cs.append(cell)
         update = self.output(x).squeeze(-1) * self.output_scale
         return update, (torch.stack(hs), torch.stack(cs))
+
+
+def load_update_rule(rule: nn.Module, path: Path) -> None:
+    """Load the weights of a learned optimizer trained by algorithm=l2o (its `model.*` entries) into
+    `rule`; a run directory means its best checkpoint."""
+    file = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    try:
+        state = load_checkpoint(file, key="inner_optimizer_checkpoint")["algorithm"]
+    except CheckpointError as ex:
+        raise ValueError(str(ex)) from ex
+    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
+    try:
+        rule.load_state_dict(weights)
+    except RuntimeError as ex:
+        first = str(ex).strip().splitlines()[0]
+        raise ValueError(f"inner_optimizer_checkpoint={str(path)!r}: not a learned optimizer of this shape "
+                         f"({first})") from ex
