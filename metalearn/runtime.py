@@ -68,22 +68,24 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
 
 class Compiled:
     """`fn` compiled with torch.compile. If compiling fails on the first call (no C++ compiler, an
-    operation the compiler does not support), warn once and run `fn` eagerly from then on."""
+    operation the compiler does not support), warn once and run `fn` eagerly from then on. `works` is
+    None before the first call, then whether the compiled function is the one that runs."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn, self.compiled, self.works = fn, torch.compile(fn, dynamic=False), False
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=False)
+        self.works: bool | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.works:
-            return self.compiled(*args)
+        if self.works is not None:
+            return (self.compiled if self.works else self.fn)(*args)
         try:
             outcome = self.compiled(*args)
         except Exception as ex:  # noqa: BLE001 - any failure to compile falls back to the same function, eager
             first = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
             log.warning("torch.compile failed (%s: %s); training continues without compiling "
                         "(trainer.compile=false skips the attempt)", type(ex).__name__, first)
-            self.compiled = self.fn
-            outcome = self.fn(*args)
+            self.works = False
+            return self.fn(*args)
         self.works = True
         return outcome
 

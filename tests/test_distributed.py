@@ -107,7 +107,7 @@ print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdi
 """
 
 
-def test_leaving_the_job_stops_gloos_threads(tmp_path: Path) -> None:
+def test_leaving_the_job_stops_gloo_threads(tmp_path: Path) -> None:
     """Every process leaves the job before it exits, and leaving frees the group whatever was imported
     after joining: no Gloo thread is left for the interpreter's teardown to kill (which aborted a
     torchrun process now and then with "terminate called without an active exception")."""

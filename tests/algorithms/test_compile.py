@@ -58,7 +58,7 @@ def assert_same_gradients(make: Maker, norm: str = "batch") -> None:
     assert not eager.use_compile(False, CPU) and compiled.use_compile(True, CPU)
     batch = episodes()
     expected, actual = meta_gradient(eager, batch), meta_gradient(compiled, batch)
-    assert compiled._compiled is not None and compiled._compiled.works, "the compiled path was not taken"
+    assert compiled._compiled is not None and compiled._compiled.works is True, "the compiled path was not taken"
     assert expected.keys() == actual.keys()
     for name in expected:
         # Conv biases before batch-statistics BatchNorm have a zero gradient up to rounding: atol.
@@ -104,6 +104,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch: py
     with caplog.at_level(logging.WARNING):
         first = meta_gradient(failing, batch)
         meta_gradient(failing, batch)
+    assert failing._compiled is not None and failing._compiled.works is False  # eager from the first call on
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert warnings == ["torch.compile failed (RuntimeError: InvalidCxxCompiler: no working C++ compiler found); "
                         "training continues without compiling (trainer.compile=false skips the attempt)"]
