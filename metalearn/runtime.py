@@ -66,6 +66,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     return torch.autocast(device.type, dtype=dtype)
 
 
+def full_precision(device: torch.device) -> AbstractContextManager[object]:
+    """Autocast switched off on `device`: operations inside run in their inputs' precision. Distances and
+    similarities between float32 embeddings go here, since autocast would otherwise run their matrix
+    products in bfloat16, whose 8-bit mantissa turns ||q||^2 - 2 q.c + ||c||^2 into noise (a logit off by
+    1.6 for squared distances near 1,000)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class Compiled:
     """`fn` compiled with torch.compile. If compiling fails on the first call (no C++ compiler, an
     operation the compiler does not support), warn once and run `fn` eagerly from then on. `works` is

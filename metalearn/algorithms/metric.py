@@ -25,6 +25,7 @@ from metalearn.algorithms.functional import Params
 from metalearn.checks import positive_float
 from metalearn.models.norm import PerStepBatchNorm2d
 from metalearn.objectives import Classification, Objective, at_least_float32
+from metalearn.runtime import full_precision
 from metalearn.tasks import Task, TaskBatch, TaskSampler
 
 
@@ -93,7 +94,8 @@ def n_way_of(labels: Tensor) -> int:
 class MetricLearner(MetaAlgorithm):
     """Base class: embed, `fit` a per-task state on the support embeddings, `classify` queries.
 
-    Subclasses implement `fit` and `classify` (and may override `query_loss`). Metrics: "after" is
+    Subclasses implement `fit` and `classify` (and may override `query_loss`); both run with autocast
+    off (`runtime.full_precision`), on float32 embeddings, whatever `trainer.precision` is. Metrics: "after" is
     the metric classifier; "before" (no adaptation) is chance, the uniform logits of a classifier that
     knows nothing of the task: loss log(n_way), and the accuracy of argmax over equal logits
     (class 0), i.e. 1 / n_way on balanced query sets.
@@ -150,7 +152,8 @@ class MetricLearner(MetaAlgorithm):
         """Per-task query loss (differentiable), then detached chance-level loss, accuracy and
         chance-level accuracy (NaN while training with `measure_pre_adaptation` off)."""
         support, query = self.embed([batch.support_x, batch.query_x])
-        logits = self.classify(self.fit(support, batch.support_y, n_way_of(batch.support_y)), query)
+        with full_precision(support.device):
+            logits = self.classify(self.fit(support, batch.support_y, n_way_of(batch.support_y)), query)
         score = vmap(self.objective.score)
         uniform = torch.zeros_like(logits.detach())
         if self.measure_pre_adaptation or not torch.is_grad_enabled():  # evaluation always measures them
@@ -165,7 +168,8 @@ class MetricLearner(MetaAlgorithm):
         effect (there is no inner loop)."""
         with torch.set_grad_enabled(create_graph):
             (support,) = self.embed([task.support_x.unsqueeze(0)])
-            state = self.fit(support, task.support_y.unsqueeze(0), n_way_of(task.support_y))
+            with full_precision(support.device):
+                state = self.fit(support, task.support_y.unsqueeze(0), n_way_of(task.support_y))
         return {name: value[0] for name, value in state.items()}
 
     def meta_train_step(self, batch: TaskBatch) -> StepResult:
@@ -182,5 +186,6 @@ class MetricLearner(MetaAlgorithm):
         with torch.no_grad():
             state = {name: value.unsqueeze(0) for name, value in self.adapt(task).items()}
             (embedded,) = self.embed([x.unsqueeze(0)])
-            after = self.classify(state, embedded)[0]
+            with full_precision(embedded.device):
+                after = self.classify(state, embedded)[0]
         return torch.zeros_like(after), after
