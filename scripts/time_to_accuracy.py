@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -156,8 +155,8 @@ def report(args: argparse.Namespace) -> None:
     for peer in args.peer:
         data = json.loads((Path(peer) / "curve.json").read_text())
         curves[data["library"]] = data["curve"]
-    # Columns every 10 minutes up to the longest curve's end.
-    minutes = list(range(10, 10 * math.ceil(max(c[-1]["seconds"] for c in curves.values()) / 600) + 1, 10))
+    # Columns every 10 minutes up to the longest curve's end, rounded to the nearest 10 minutes.
+    minutes = list(range(10, 10 * max(1, round(max(c[-1]["seconds"] for c in curves.values()) / 600)) + 1, 10))
     print("| library | " + " | ".join(f"best by {m} min" for m in minutes) + " | "
           + " | ".join(f"time to {a:.0%}" for a in args.accuracies) + " | last step, minutes |")
     print("| --- " * (2 + len(minutes) + len(args.accuracies)) + "|")
