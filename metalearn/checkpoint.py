@@ -80,7 +80,7 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     own = module.state_dict()
     problems = [f"{name} has shape {list(weights[name].shape)} in the checkpoint but {list(own[name].shape)} "
                 "in the model these settings build" for name in own
-                if name in weights and weights[name].shape != own[name].shape]
+                if name in weights and isinstance(own[name], torch.Tensor) and weights[name].shape != own[name].shape]
     problems += [f"{name} is in the model these settings build but not in the checkpoint"
                  for name in own if name not in weights]
     problems += [f"{name} is in the checkpoint but not in the model these settings build"

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.reptile import Reptile
 from metalearn.checkpoint import config_changes, load_checkpoint, save_checkpoint
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.metrics import TensorBoardLogger
@@ -19,11 +21,15 @@ from metalearn.models.mlp import MLP
 from metalearn.trainer import NonFiniteLossError, Trainer
 
 
-def make_trainer(out: Path, *, max_steps: int = 12, inner_lr: float = 0.01, resume: bool = False) -> Trainer:
-    """A small, fully seeded trainer with Adam and a cosine schedule (both carry state)."""
+def make_trainer(out: Path, *, max_steps: int = 12, inner_lr: float = 0.01, resume: bool = False,
+                 algorithm: str = "maml") -> Trainer:
+    """A small, fully seeded trainer with Adam and a cosine schedule (both carry state). `reptile`: Reptile
+    with its inner Adam state carried across tasks (state that lives in the algorithm, not the optimizer)."""
     torch.manual_seed(0)
     tasks = SinusoidTasks()
-    algorithm = MAML(MLP(1, 1, hidden_sizes=[16]), tasks.objective, inner_lr=inner_lr)
+    model = MLP(1, 1, hidden_sizes=[16])
+    algorithm = (MAML(model, tasks.objective, inner_lr=inner_lr) if algorithm == "maml"
+                 else Reptile(model, tasks.objective, inner_lr=inner_lr, inner_steps=2))
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
     logger = functools.partial(TensorBoardLogger, log_dir=out)
@@ -44,24 +50,31 @@ def interrupt_at(trainer: Trainer, step: int) -> None:
     trainer.algorithm.meta_train_step = step_and_maybe_signal  # type: ignore[method-assign]
 
 
-def test_interrupted_run_resumes_to_identical_parameters(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path: Path, algorithm: str) -> None:
     """SIGTERM mid-run saves last.pt at a step boundary; resuming reaches bitwise the same weights,
-    optimizer and scheduler state as an uninterrupted run."""
-    straight = make_trainer(tmp_path / "a")
+    algorithm state, optimizer and scheduler state as an uninterrupted run."""
+    straight = make_trainer(tmp_path / "a", algorithm=algorithm)
     straight.fit()
     reference = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
 
-    interrupted = make_trainer(tmp_path / "b")
+    interrupted = make_trainer(tmp_path / "b", algorithm=algorithm)
     interrupt_at(interrupted, 8)
     with pytest.raises(KeyboardInterrupt, match="step 8"):
         interrupted.fit()
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 8
 
-    resumed = make_trainer(tmp_path / "b", resume=True)
+    resumed = make_trainer(tmp_path / "b", resume=True, algorithm=algorithm)
     assert resumed.fit()["step"] == 12
     final = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    for name, tensor in reference["algorithm"].items():
-        assert torch.equal(tensor, final["algorithm"][name]), name
+    assert reference["algorithm"].keys() == final["algorithm"].keys()
+    for name, value in reference["algorithm"].items():
+        expected, structure = tree_flatten(value)
+        actual, final_structure = tree_flatten(final["algorithm"][name])
+        assert structure == final_structure, name
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(actual, expected)), name
+    if algorithm == "reptile":  # the carried inner Adam state is in the checkpoint: 12 steps x 4 tasks x 2 steps
+        assert reference["algorithm"]["_extra_state"]["inner_state"][0] == 12 * 4 * 2
     ref_state, final_state = reference["optimizer"]["state"], final["optimizer"]["state"]
     for key in ref_state:
         for field in ("exp_avg", "exp_avg_sq"):

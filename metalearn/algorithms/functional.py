@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 Params = dict[str, Tensor]
 
@@ -98,6 +99,33 @@ class InnerAdam:
         # finite and changes the value by at most 1e-15.
         direction = {name: (m[name] / c1) / (torch.sqrt((v[name] / c2).clamp_min(1e-30)) + self.eps) for name in grads}
         return sgd_step(params, direction, lr), (t, m, v)
+
+
+class CarriedState:
+    """`optimizer` with its state carried from one task's inner loop to the next, as the published Reptile
+    code does: its Adam moments and step count are not among the weights it restores after each task, so
+    a task's inner loop starts from the state the previous task's loop ended with.
+
+    While `record` is true, every step keeps its new state (detached: nothing is differentiated across
+    tasks) as the starting state of the next inner loop; while false, inner loops start from the kept
+    state and leave it unchanged (the published evaluation restores it after each test task). Before
+    anything is kept, an inner loop starts from `optimizer.init`. `state` is what a checkpoint saves.
+    """
+
+    def __init__(self, optimizer: InnerOptimizer) -> None:
+        self.optimizer = optimizer
+        self.state: Any = None
+        self.record = False
+
+    def init(self, params: Mapping[str, Tensor]) -> Any:
+        return self.optimizer.init(params) if self.state is None else self.state
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LearningRate,
+             state: Any) -> tuple[Params, Any]:
+        params, state = self.optimizer.step(params, grads, lr, state)
+        if self.record:
+            self.state = tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, state)
+        return params, state
 
 
 def available_memory(device: torch.device) -> int:

@@ -21,11 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metalearn.algorithms.functional import Params, forward_with, params_of
+from metalearn.algorithms.base import StepResult
+from metalearn.algorithms.functional import CarriedState, InnerSGD, Params, forward_with, params_of
 from metalearn.algorithms.maml import MAML
-from metalearn.checks import positive_int
+from metalearn.checks import one_of, positive_int, true_false_auto
 from metalearn.objectives import Objective
 from metalearn.tasks import Task, TaskBatch
+
+INNER_STATES = ("carried", "task")
 
 # Evaluation draws its minibatches from this fixed seed, so scores do not depend on when they are
 # taken; training step s uses seed s (a step index is never negative).
@@ -59,6 +62,12 @@ class Reptile(MAML):
         eval_inner_steps: inner steps at evaluation (the paper: 50); None: `inner_steps`.
         inner_optimizer: `sgd` or `adam` (the paper's, with `inner_betas` = [0, 0.999]).
         inner_betas, inner_eps: Adam's moment decay rates and epsilon.
+        inner_state: where each task's inner optimizer state (Adam's moments and step count) starts.
+            `carried` (the paper's code): meta-training carries it from each task to the next, in
+            order through the meta-batch and across meta-steps, and evaluation starts every task from
+            the carried state without changing it; it is saved in checkpoints, so a resumed run goes on
+            from it. `task`: every task starts from zero moments. Carrying needs the per-task path
+            (no vmap) and no compilation; with SGD there is no state and both are the same.
         inner_batch_size: support examples per inner step, drawn as consecutive chunks of fresh
             shuffles of the support set (the paper: 10). None: every step uses the full support set.
             The shuffles come from a generator seeded with the meta-step index given to
@@ -82,6 +91,7 @@ class Reptile(MAML):
         inner_optimizer: str = "adam",
         inner_betas: Sequence[float] = (0.0, 0.999),
         inner_eps: float = 1e-8,
+        inner_state: str = "carried",
         inner_batch_size: int | None = None,
         eval_inner_batch_size: int | None = None,
         first_order: bool = True,
@@ -93,14 +103,50 @@ class Reptile(MAML):
         if second_order_steps is not None:
             raise ValueError(f"second_order_steps={second_order_steps!r}: Reptile never differentiates through "
                              "the inner loop; must be null")
+        self.inner_state = one_of("inner_state", inner_state, INNER_STATES)
+        carried = self.inner_state == "carried" and inner_optimizer != "sgd"
+        if carried and vectorize is True:
+            raise ValueError("vectorize=True: inner_state=carried passes the inner optimizer's state from task "
+                             "to task, in order; it needs vectorize=false or auto (or inner_state=task)")
         super().__init__(model, objective, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=True, inner_optimizer=inner_optimizer,
-                         inner_betas=inner_betas, inner_eps=inner_eps, vectorize=vectorize)
+                         inner_betas=inner_betas, inner_eps=inner_eps, vectorize=False if carried else vectorize)
+        self.carried: CarriedState | None = None
+        if carried and not isinstance(self.optimizer, InnerSGD):
+            self.optimizer = self.carried = CarriedState(self.optimizer)
         self.inner_batch_size = None if inner_batch_size is None else positive_int("inner_batch_size",
                                                                                    inner_batch_size)
         self.eval_inner_batch_size = (self.inner_batch_size if eval_inner_batch_size is None
                                       else positive_int("eval_inner_batch_size", eval_inner_batch_size))
         self.progress_step = 0
+
+    def use_compile(self, compile: bool | str, device: torch.device) -> bool:
+        """As MAML's, except that a carried inner state is never compiled: "auto" stays eager and true is
+        refused (the state changes hands between tasks outside any one task's computation)."""
+        if self.carried is not None:
+            if true_false_auto("compile", compile) is True:
+                raise ValueError("compile=true: inner_state=carried runs eagerly; set compile to false or auto "
+                                 "(or inner_state=task)")
+            compile = False
+        return super().use_compile(compile, device)
+
+    def get_extra_state(self) -> Any:
+        """The carried inner optimizer state, saved in the state dict (and so in checkpoints)."""
+        return {"inner_state": None if self.carried is None else self.carried.state}
+
+    def set_extra_state(self, state: Any) -> None:
+        if self.carried is not None:
+            self.carried.state = state["inner_state"]
+
+    def meta_train_step(self, batch: TaskBatch) -> StepResult:
+        """MAML's step; a carried inner state is kept from each task's inner loop for the next."""
+        if self.carried is None:
+            return super().meta_train_step(batch)
+        self.carried.record = True
+        try:
+            return super().meta_train_step(batch)
+        finally:
+            self.carried.record = False
 
     def set_progress(self, step: int, max_steps: int) -> None:
         self.progress_step = step

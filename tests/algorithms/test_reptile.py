@@ -4,6 +4,7 @@ learning on sinusoids, argument checks, and the linear outer step-size schedule.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,8 @@ def test_serial_pseudo_gradient_is_theta_minus_phi(inner_batch_size: int | None,
     reported meta-loss is the adapted model's query loss."""
     model = tiny_tanh_mlp()
     batch = sinusoid_batch(1, seed=3, shots=6)
-    algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_batch_size=inner_batch_size,
+    algorithm = Reptile(model, Regression(), inner_state="task",
+                        inner_lr=0.05, inner_steps=3, inner_batch_size=inner_batch_size,
                         vectorize=vectorize)
     theta = snapshot(model)
 
@@ -126,7 +128,8 @@ def test_batched_pseudo_gradient_is_mean_of_serial(inner_optimizer: str, vectori
     (the tasks share that step's minibatches)."""
     model = tiny_tanh_mlp(seed=1)
     batch = sinusoid_batch(4, seed=4, shots=6)
-    algorithm = Reptile(model, Regression(), inner_lr=0.02, inner_steps=5, inner_optimizer=inner_optimizer,
+    algorithm = Reptile(model, Regression(), inner_state="task",
+                        inner_lr=0.02, inner_steps=5, inner_optimizer=inner_optimizer,
                         inner_batch_size=4, vectorize=vectorize)
 
     batched = pseudo_gradient(algorithm, batch, step=11)
@@ -143,7 +146,8 @@ def test_vmap_and_loop_paths_agree(inner_batch_size: int | None) -> None:
     """vectorize=True and False give the same `.grad`, StepResult and evaluation scores."""
     batch = sinusoid_batch(5, seed=5, dtype=torch.float32, shots=8)
     model = MLP(1, 1, hidden_sizes=(16, 16))
-    vmapped, looped = (Reptile(model, Regression(), inner_lr=0.01, inner_steps=4, eval_inner_steps=6,
+    vmapped, looped = (Reptile(model, Regression(), inner_state="task",
+                               inner_lr=0.01, inner_steps=4, eval_inner_steps=6,
                                inner_batch_size=inner_batch_size, vectorize=v) for v in (True, False))
 
     assert_dicts_close(pseudo_gradient(vmapped, batch, 2), pseudo_gradient(looped, batch, 2), rtol=1e-5, atol=1e-7)
@@ -205,7 +209,7 @@ def test_inner_adam_matches_torch_optim_adam(inner_batch_size: int | None, vecto
     model = tiny_tanh_mlp(seed=3)
     task = sinusoid_batch(1, seed=7, shots=6)[0]
     lr, steps, step = 0.05, 6, 5
-    algorithm = Reptile(model, Regression(), inner_lr=lr, inner_steps=steps, inner_optimizer="adam",
+    algorithm = Reptile(model, Regression(), inner_state="task", inner_lr=lr, inner_steps=steps, inner_optimizer="adam",
                         inner_betas=(0.0, 0.999), inner_batch_size=inner_batch_size, vectorize=vectorize)
     minibatches = (None if inner_batch_size is None
                    else minibatch_indices(6, inner_batch_size, steps, torch.Generator().manual_seed(step)))
@@ -223,6 +227,123 @@ def test_inner_adam_matches_torch_optim_adam(inner_batch_size: int | None, vecto
 
 def detach(params: Params) -> Params:
     return {name: p.detach() for name, p in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. inner_state=carried: the published code's Adam, whose moments outlive each task.
+# ---------------------------------------------------------------------------------------------
+
+
+def set_weights(model: nn.Module, weights: Params) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+
+
+def published_reptile(model: nn.Module, batches: list[TaskBatch], lr: float, steps: int, eps: float,
+                      fresh: bool) -> tuple[nn.Module, torch.optim.Adam]:
+    """Reptile's published training loop by hand: an Adam (betas 0, 0.999) steps the model's own weights;
+    each task restores the initialisation, takes `steps` full-batch steps and records the weights; the
+    meta-step moves the initialisation `eps` of the way to their mean. The Adam is created once, so its
+    moments and step count carry from task to task, or (`fresh`) anew for every task."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    for batch in batches:
+        theta, ends = snapshot(model), []
+        for task in batch:
+            if fresh:
+                optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                F.mse_loss(model(task.support_x), task.support_y).backward()
+                optimizer.step()
+            ends.append(snapshot(model))
+            set_weights(model, theta)
+        set_weights(model, {n: theta[n] + eps * (torch.stack([e[n] for e in ends]).mean(0) - theta[n]) for n in theta})
+    return model, optimizer
+
+
+def reptile_steps(algorithm: Reptile, batches: list[TaskBatch], eps: float) -> None:
+    """Meta-steps through the trainer's route: the pseudo-gradient, then plain SGD at lr `eps`."""
+    optimizer = torch.optim.SGD(algorithm.parameters(), lr=eps)
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        algorithm.meta_train_step(batch)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("inner_state", ["carried", "task"])
+def test_inner_state_follows_the_published_adam(inner_state: str) -> None:
+    """Three meta-steps of 3 tasks: `carried` lands on the published loop's weights (one Adam for the whole
+    run), `task` on the loop with a fresh Adam per task, and the two differ clearly."""
+    model, lr, steps, eps = tiny_tanh_mlp(seed=6), 0.03, 4, 0.7
+    batches = [sinusoid_batch(3, seed=20 + i, shots=6) for i in range(3)]
+    algorithm = Reptile(copy.deepcopy(model), Regression(), inner_lr=lr, inner_steps=steps, inner_state=inner_state)
+    reptile_steps(algorithm, batches, eps)
+    expected, _ = published_reptile(model, batches, lr, steps, eps, fresh=inner_state == "task")
+    other, _ = published_reptile(model, batches, lr, steps, eps, fresh=inner_state == "carried")
+    assert_dicts_close(snapshot(algorithm.model), snapshot(expected), rtol=1e-9, atol=1e-12)
+    assert max((snapshot(other)[n] - snapshot(expected)[n]).abs().max().item() for n in snapshot(model)) > 1e-3
+
+
+def test_evaluation_starts_from_the_carried_state_and_leaves_it() -> None:
+    """As the published evaluation: each test task adapts from the training moments, which are restored
+    afterwards, so evaluating changes nothing and the next meta-step goes on as if it had not happened."""
+    model, lr, steps, eps = tiny_tanh_mlp(seed=7), 0.03, 3, 0.5
+    batches = [sinusoid_batch(2, seed=30 + i, shots=6) for i in range(3)]
+    algorithm = Reptile(copy.deepcopy(model), Regression(), inner_lr=lr, inner_steps=steps, eval_inner_steps=steps)
+    reptile_steps(algorithm, batches[:2], eps)
+    reference, optimizer = published_reptile(model, batches[:2], lr, steps, eps, fresh=False)
+    task = sinusoid_batch(1, seed=40, shots=6)[0]
+    theta, moments = snapshot(reference), copy.deepcopy(optimizer.state_dict())
+    for _ in range(steps):  # the published evaluate(): train on the test task from the full state
+        optimizer.zero_grad()
+        F.mse_loss(reference(task.support_x), task.support_y).backward()
+        optimizer.step()
+    adapted = snapshot(reference)
+    set_weights(reference, theta)
+    optimizer.load_state_dict(moments)
+
+    carried = copy.deepcopy(algorithm.carried.state)
+    algorithm.eval()
+    assert_dicts_close(detach(algorithm.adapt(task)), adapted, rtol=1e-9, atol=1e-12)
+    algorithm.evaluate(stack_tasks([task, task]))
+    algorithm.train()
+    assert carried[0] == algorithm.carried.state[0] == 2 * 2 * steps  # two meta-steps of two tasks
+    for before, after in zip(carried[1:], algorithm.carried.state[1:]):
+        assert_dicts_close(after, before, rtol=0, atol=0)
+    reptile_steps(algorithm, batches[2:], eps)
+    expected, _ = published_reptile(model, batches, lr, steps, eps, fresh=False)
+    assert_dicts_close(snapshot(algorithm.model), snapshot(expected), rtol=1e-9, atol=1e-12)
+
+
+def test_the_carried_state_is_checkpointed(tmp_path: Path) -> None:
+    """The state dict holds the carried state; loaded (through a weights-only file) into a fresh Reptile,
+    the next meta-step is the one the original takes."""
+    batches = [sinusoid_batch(2, seed=50 + i, shots=6) for i in range(2)]
+    algorithm = Reptile(tiny_tanh_mlp(seed=8), Regression(), inner_lr=0.03, inner_steps=3)
+    reptile_steps(algorithm, batches[:1], 0.5)
+    torch.save(algorithm.state_dict(), tmp_path / "state.pt")
+    resumed = Reptile(tiny_tanh_mlp(seed=9), Regression(), inner_lr=0.03, inner_steps=3)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    reptile_steps(algorithm, batches[1:], 0.5)
+    reptile_steps(resumed, batches[1:], 0.5)
+    assert_dicts_close(snapshot(resumed.model), snapshot(algorithm.model), rtol=0, atol=0)
+    fresh = Reptile(tiny_tanh_mlp(seed=8), Regression(), inner_lr=0.03, inner_steps=3)
+    fresh.load_state_dict({**algorithm.state_dict(), "_extra_state": {"inner_state": None}})
+    assert fresh.carried is not None and fresh.carried.state is None
+
+
+def test_carried_state_refuses_vmap_and_compile() -> None:
+    with pytest.raises(ValueError, match=r"^vectorize=True: inner_state=carried"):
+        Reptile(nn.Linear(1, 1), Regression(), vectorize=True)
+    algorithm = Reptile(nn.Linear(1, 1), Regression())
+    assert algorithm.vectorize is False  # auto: the per-task loop
+    with pytest.raises(ValueError, match=r"^compile=true: inner_state=carried"):
+        algorithm.use_compile(True, torch.device("cpu"))
+    assert algorithm.use_compile("auto", torch.device("cpu")) is False
+    sgd = Reptile(nn.Linear(1, 1), Regression(), inner_optimizer="sgd", vectorize=True)  # SGD has no state
+    assert sgd.carried is None and sgd.vectorize is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +436,8 @@ def test_without_minibatches_every_step_sees_the_full_support_set() -> None:
 def test_adapt_leaves_model_unchanged(create_graph: bool, vectorize: bool) -> None:
     """`adapt` returns new tensors and leaves the parameters bitwise equal without .grad."""
     model = tiny_tanh_mlp(seed=4)
-    algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_batch_size=3, vectorize=vectorize)
+    algorithm = Reptile(model, Regression(), inner_state="task",
+                        inner_lr=0.05, inner_steps=3, inner_batch_size=3, vectorize=vectorize)
     before = snapshot(model)
 
     adapted = algorithm.adapt(sinusoid_batch(1, seed=8, shots=6)[0], create_graph=create_graph)
@@ -329,7 +451,8 @@ def test_adapt_leaves_model_unchanged(create_graph: bool, vectorize: bool) -> No
 def test_evaluate_leaves_no_gradients(vectorize: bool) -> None:
     """`evaluate` creates no .grad, keeps existing grads, and is the same at any meta-step in eval mode."""
     model = tiny_tanh_mlp(seed=5)
-    algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=2, eval_inner_steps=4, inner_batch_size=3,
+    algorithm = Reptile(model, Regression(), inner_state="task",
+                        inner_lr=0.05, inner_steps=2, eval_inner_steps=4, inner_batch_size=3,
                         vectorize=vectorize)
     batch = sinusoid_batch(3, seed=9, shots=6)
     params = list(algorithm.parameters())
@@ -385,6 +508,7 @@ INVALID_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
     ("second_order_steps=1", {"second_order_steps": 1}),
     ("inner_lr=-1", {"inner_lr": -1}),
     ("inner_betas=[0.0, 1.0]", {"inner_betas": [0.0, 1.0]}),
+    ("inner_state='moments'", {"inner_state": "moments"}),
 ]
 
 
@@ -396,7 +520,7 @@ def test_invalid_arguments_raise_value_error_naming_them(message: str, kwargs: d
 
 @VECTORIZE
 def test_inner_batch_size_larger_than_the_support_set_raises(vectorize: bool) -> None:
-    algorithm = Reptile(nn.Linear(1, 1), Regression(), inner_batch_size=11, vectorize=vectorize)
+    algorithm = Reptile(nn.Linear(1, 1), Regression(), inner_state="task", inner_batch_size=11, vectorize=vectorize)
     batch = SinusoidTasks(k_shot=10).sample(2, "train", torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"^inner_batch_size=11: larger than the support set \(10 examples\)"):
         algorithm.meta_train_step(batch)
@@ -416,7 +540,8 @@ def test_reptile_yaml_builds_the_papers_inner_loop(compose_cfg: Composer) -> Non
     algorithm = instantiate(cfg.algorithm, _partial_=True)(model=instantiate(cfg.model), objective=tasks.objective)
     assert isinstance(algorithm, Reptile)
     assert algorithm.inner_batch_size == 5 and algorithm.first_order
-    assert isinstance(algorithm.optimizer, InnerAdam) and algorithm.optimizer.betas == (0.0, 0.999)
+    assert algorithm.inner_state == "carried" and algorithm.carried is algorithm.optimizer
+    assert isinstance(algorithm.carried.optimizer, InnerAdam) and algorithm.carried.optimizer.betas == (0.0, 0.999)
     assert (algorithm.inner_lr, algorithm.inner_steps, algorithm.eval_inner_steps) == (0.001, 5, 50)
 
 
