@@ -6,7 +6,7 @@ The run is rebuilt from the resolved configuration stored in its checkpoint, cha
 given on the command line (Hydra's override syntax: `key=value`, `+key=value` to add a key), and
 evaluated on `eval.episodes` tasks of `eval.split` drawn from `eval.seed` (by default the run's own
 `trainer.<split>_seed`, so the test tasks are those of the run's final test). It prints the mean and
-95% confidence interval (1.96·σ/√N) and writes every episode's values to
+95% confidence interval (t·σ/√N, Student's t quantile) and writes every episode's values to
 `<run dir>/eval_<split>_<timestamp>.json`. The checkpoint is only read.
 """
 

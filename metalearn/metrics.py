@@ -37,11 +37,17 @@ def step_metrics(result: StepResult, metric: str) -> dict[str, float]:
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% confidence interval, 1.96 * std / sqrt(n)."""
+    """Mean and half-width of the 95% confidence interval of the mean, t * std / sqrt(n) with t Student's
+    0.975 quantile for n - 1 degrees of freedom (2.023 at n = 40, 1.984 at 100, 1.964 at 600; the normal
+    1.96 only in the limit); the half-width of a single value is 0."""
+    from scipy import stats  # imported here: a second of start-up that only evaluations pay
+
     values = values.double()
     n = values.numel()
-    std = values.std(unbiased=True).item() if n > 1 else 0.0
-    return values.mean().item(), 1.96 * std / math.sqrt(n)
+    if n < 2:
+        return values.mean().item(), 0.0
+    t = float(stats.t.ppf(0.975, n - 1))
+    return values.mean().item(), t * values.std(unbiased=True).item() / math.sqrt(n)
 
 
 def eval_metrics(scores: TaskScores, split: str, metric: str) -> dict[str, float]:

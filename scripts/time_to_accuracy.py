@@ -41,6 +41,7 @@ from bench_peers import INSTALL, import_learn2learn
 from hydra.utils import instantiate
 from torch import Tensor
 
+from metalearn.metrics import mean_ci95
 from metalearn.objectives import Classification
 from metalearn.tasks import TaskBatch, fixed_batches
 from metalearn.train import CONFIG_DIR, build_learner
@@ -103,8 +104,8 @@ def train_peer(args: argparse.Namespace) -> None:
         if step % int(trainer.eval_every) == 0 or last:
             steps = int(cfg.algorithm.eval_inner_steps or cfg.algorithm.inner_steps)
             acc = torch.cat([peer_accuracy(maml, b, steps, objective) for b in val])
-            point = {"step": step, "seconds": round(time.perf_counter() - start, 1), "val_acc": acc.mean().item(),
-                     "val_ci95": (1.96 * acc.std() / len(acc) ** 0.5).item()}
+            mean, half = mean_ci95(acc)
+            point = {"step": step, "seconds": round(time.perf_counter() - start, 1), "val_acc": mean, "val_ci95": half}
             curve.append(point)
             print(json.dumps(point), flush=True)
             (out / "curve.json").write_text(json.dumps({

@@ -38,10 +38,14 @@ def test_fixed_sets_do_not_depend_on_batch_size() -> None:
 
 
 def test_mean_ci95_matches_hand_computation() -> None:
+    """Student's t quantile from a printed table: t(0.975; 3) = 3.182, t(0.975; 39) = 2.023."""
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
     mean, ci = mean_ci95(values)
     std = math.sqrt(sum((v - 2.5) ** 2 for v in (1, 2, 3, 4)) / 3)
-    assert mean == 2.5 and math.isclose(ci, 1.96 * std / 2)
+    assert mean == 2.5 and math.isclose(ci, 3.182 * std / 2, rel_tol=1e-3)
+    forty = torch.arange(40.0)
+    assert math.isclose(mean_ci95(forty)[1], 2.023 * forty.std().item() / math.sqrt(40), rel_tol=1e-3)
+    assert mean_ci95(torch.tensor([0.5])) == (0.5, 0.0)
 
 
 def test_flatten_hparams() -> None:
