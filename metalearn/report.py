@@ -7,8 +7,8 @@ is a run: finished (`results.json`), failed (`failed.json`, written by a failing
 incomplete. Runs are grouped by experiment and by the command-line overrides that vary between runs
 (from Hydra's `.hydra/overrides.yaml`), seeds pooled: each row gives the mean ± standard deviation
 across seeds, each run's own 95% confidence interval, and the paper figure when the experiment config
-names one (`paper.value`, `paper.source`; from metalearn's own experiment config for runs made before
-it did). Evaluations written by `metalearn-eval` (`eval_*.json`) are rows of their own. Curves of the
+names one (`paper.value`, `paper.source`: from metalearn's own experiment config, where corrections to a
+paper's figure land, else from the run's saved config). Evaluations written by `metalearn-eval` (`eval_*.json`) are rows of their own. Curves of the
 training meta-loss and the validation metric are read back from the TensorBoard event files and
 drawn with matplotlib, one line per configuration, seeds as a band.
 
@@ -182,8 +182,9 @@ def _evaluation_label(result: dict[str, Any]) -> str:
 
 @functools.cache
 def shipped_paper(experiment: str) -> dict[str, Any] | None:
-    """The `paper:` figure of metalearn's own `experiment=<experiment>` config, for runs whose saved config
-    has none (made before the experiment named one); None if there is no such experiment."""
+    """The `paper:` figure of metalearn's own `experiment=<experiment>` config (a fact about the paper, so
+    the shipped config's, corrections included, serves archived runs too); None if there is no such
+    experiment or it names no figure."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -206,7 +207,7 @@ def build_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[Row]:
         settings = tuple(run.overrides.get(k, "—") for k in keys)
         key = (run.experiment, settings, evaluation)
         if key not in rows:  # the paper's figure is for the experiment's own test setting
-            paper = (run.config.get("paper") or shipped_paper(run.experiment)) if own_setting else None
+            paper = (shipped_paper(run.experiment) or run.config.get("paper")) if own_setting else None
             rows[key] = Row(run.experiment, settings, evaluation, paper=paper)
         return rows[key]
 
