@@ -8,9 +8,10 @@ incomplete. Runs are grouped by experiment and by the command-line overrides tha
 (from Hydra's `.hydra/overrides.yaml`), seeds pooled: each row gives the mean ± standard deviation
 across seeds, each run's own 95% confidence interval, and the paper figure when the experiment config
 names one (`paper.value`, `paper.source`: from metalearn's own experiment config, where corrections to a
-paper's figure land, else from the run's saved config). Evaluations written by `metalearn-eval` (`eval_*.json`) are rows of their own. Curves of the
-training meta-loss and the validation metric are read back from the TensorBoard event files and
-drawn with matplotlib, one line per configuration, seeds as a band.
+paper's figure land, else from the run's saved config). Evaluations written by `metalearn-eval`
+(`eval_*.json`) are rows of their own. Curves of the training meta-loss and the validation metric are
+read back from the TensorBoard event files and drawn with matplotlib, one line per configuration, seeds
+as a band.
 
 Results pages: `--page docs/results.md` rewrites the tables between marker comments of a Markdown page
 from the runs, leaving the prose around them alone, so that every figure in the tables comes from a

@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import zipfile
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ ARCHIVES = {
     "small2": "images_background_small2",
 }
 SCHEMES = ("vinyals", "vinyals_trainval", "lake", "small1", "small2")
+ROTATIONS = (0, 90, 180, 270)
 CACHE_VERSION = 1
 # The lake scheme's validation alphabets: the last five of the 30 background alphabets in sorted order,
 # named rather than computed so that a partial copy of the data cannot shift the set.
@@ -159,8 +161,9 @@ def _classes(images: torch.Tensor, characters: list[str], names: list[str]) -> C
     for i, character in enumerate(characters):
         by_character.setdefault(character, []).append(i)
     parts, labels = [], []
-    alphabets = sorted({name.split("/", 1)[0] for name in names})
-    groups = torch.tensor([alphabets.index(name.split("/", 1)[0]) for name in names])
+    # A rotated alphabet is an alphabet of its own (for within-alphabet episodes).
+    alphabets = sorted({_group(name) for name in names})
+    groups = torch.tensor([alphabets.index(_group(name)) for name in names])
     for label, name in enumerate(names):
         character, _, rotation = name.partition("/rot")
         if character not in by_character:
@@ -177,15 +180,34 @@ def _alphabet(name: str) -> str:
     return name.split("/", 1)[0]
 
 
-def _scheme(root: Path, split: str, image_size: int, cache: Path | None) -> dict[Split, ClassImages]:
-    """The train, val and test classes of split scheme `split` (see the module docstring)."""
+def _group(name: str) -> tuple[str, int]:
+    """(alphabet, rotation in degrees) of a class name `Alphabet/characterNN[/rotDDD]`."""
+    return _alphabet(name), int(name.partition("/rot")[2] or 0)
+
+
+def _rotated(names: list[str], rotations: tuple[int, ...] | None) -> list[str]:
+    """Training class names with `rotations`: a name list that has rotations (vinyals) keeps those in
+    `rotations`; one without (lake, small) gains a class per character and rotation. None: unchanged."""
+    if rotations is None:
+        return names
+    if any("/rot" in name for name in names):
+        return [name for name in names if _group(name)[1] in rotations]
+    return [f"{name}/rot{r:03d}" for name in names for r in rotations]
+
+
+def _scheme(root: Path, split: str, image_size: int, cache: Path | None,
+            rotations: tuple[int, ...] | None = None) -> dict[Split, ClassImages]:
+    """The train, val and test classes of split scheme `split` (see the module docstring), the training
+    classes with `rotations` (see `_rotated`)."""
     evaluation = load_archive(root, "evaluation", image_size, cache)
     background = load_archive(root, "background", image_size, cache)
     if split.startswith("vinyals"):
         images = torch.cat([background[0], evaluation[0]])
         characters = background[1] + evaluation[1]
         lists = {"train": "trainval" if split == "vinyals_trainval" else "train", "val": "val", "test": "test"}
-        return {s: _classes(images, characters, _vinyals_lines(lists[s])) for s in ("train", "val", "test")}
+        names = {s: _vinyals_lines(lists[s]) for s in ("train", "val", "test")}
+        names["train"] = _rotated(names["train"], rotations)
+        return {s: _classes(images, characters, names[s]) for s in ("train", "val", "test")}
     test = _classes(*evaluation, sorted(set(evaluation[1])))
     names = sorted(set(background[1]))
     if split == "lake":
@@ -195,12 +217,13 @@ def _scheme(root: Path, split: str, image_size: int, cache: Path | None) -> dict
                              f"split=lake validates on; fetch it again with "
                              f"`metalearn-data download omniglot --root {root}`")
         val = [name for name in names if _alphabet(name) in LAKE_VAL_ALPHABETS]
-        train = _classes(*background, [name for name in names if _alphabet(name) not in LAKE_VAL_ALPHABETS])
+        train = _classes(*background, _rotated([name for name in names if _alphabet(name) not in LAKE_VAL_ALPHABETS],
+                                               rotations))
     else:  # the small set trains; the background alphabets outside it validate
         small = load_archive(root, split, image_size, cache)
         held_in = {_alphabet(name) for name in small[1]}
         val = [name for name in names if _alphabet(name) not in held_in]
-        train = _classes(*small, sorted(set(small[1])))
+        train = _classes(*small, _rotated(sorted(set(small[1])), rotations))
     return {"train": train, "val": _classes(*background, val), "test": test}
 
 
@@ -215,7 +238,12 @@ class Omniglot(EpisodeSampler):
         cache_dir: where decoded images are cached (None: no cache).
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         within_alphabet: draw each episode's characters from a single alphabet (Lake et al.'s
-            within-alphabet one-shot task; harder, since characters of one alphabet look alike).
+            within-alphabet one-shot task; harder, since characters of one alphabet look alike). A
+            rotated alphabet counts as an alphabet of its own.
+        rotations: the rotations (degrees: 0, 90, 180, 270) whose rotated characters are classes of
+            their own in the training split, as the few-shot literature adds them. None: the scheme's
+            own (vinyals and vinyals_trainval: all four, in every split, as their class lists give;
+            lake, small1, small2: none). Validation and test classes stay as the scheme has them.
         download: fetch the archives this split needs into `root` if missing (checksummed).
         mirror: fetch from this base URL instead of the official repository.
         channels: must be 1 (Omniglot is grayscale); models read their input channels from it.
@@ -227,9 +255,13 @@ class Omniglot(EpisodeSampler):
         image_size: int = 28, cache_dir: str | None = None, train_n_way: int | None = None,
         train_k_shot: int | None = None, train_k_query: int | None = None, within_alphabet: bool = False,
         download: bool = False, mirror: str | None = None, channels: int = 1,
-        augment: Augment | None = None,
+        augment: Augment | None = None, rotations: Sequence[int] | None = None,
     ) -> None:
         one_of("split", split, SCHEMES)
+        if rotations is not None and (not rotations or len(set(rotations)) != len(rotations)
+                                      or any(r not in ROTATIONS for r in rotations)):
+            raise ValueError(f"rotations={list(rotations)!r}: must be distinct values among 0, 90, 180, 270, "
+                             "or null for the split's own")
         positive_int("image_size", image_size)
         base, cache = Path(root).expanduser(), Path(cache_dir).expanduser() if cache_dir else None
         if download:
@@ -238,6 +270,6 @@ class Omniglot(EpisodeSampler):
                        if not (base / f"{ARCHIVES[a]}.zip").is_file() and not (base / ARCHIVES[a]).is_dir()]
             if missing:
                 fetch_dataset("omniglot", base, mirror=mirror, only=missing)
-        splits = _scheme(base, split, image_size, cache)
+        splits = _scheme(base, split, image_size, cache, None if rotations is None else tuple(map(int, rotations)))
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
                          within_group=within_alphabet, channels=channels, augment=augment)

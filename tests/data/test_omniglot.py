@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -188,6 +189,36 @@ def test_what_each_scheme_trains_validates_and_tests_on(fake_root: Path, split: 
         assert found["val"] == LAKE_VAL_ALPHABETS and found["train"] == background - LAKE_VAL_ALPHABETS
     else:
         assert found["train"] == set(SMALL_ALPHABETS[split]) and found["val"] == background - found["train"]
+
+
+@pytest.mark.parametrize(("split", "rotations", "train_classes"), [
+    ("lake", [0, 90, 180, 270], 4 * 813), ("small1", [0, 180], 2 * 136), ("vinyals", [0], 1028),
+    ("vinyals_trainval", [0, 90], 2 * 1200)])
+def test_rotations_are_training_classes_of_their_own(fake_root: Path, split: str, rotations: list[int],
+                                                     train_classes: int) -> None:
+    """dataset.rotations: each listed rotation of each training character is a class (its drawings rotated,
+    a rotated alphabet a group of its own); validation and test classes stay as the scheme has them."""
+    data, default = fake(fake_root, split=split, rotations=rotations), fake(fake_root, split=split)
+    train = data.splits["train"]
+    assert train.num_classes == train_classes
+    assert {int(name.rsplit("/rot", 1)[1]) for name in train.class_names} == set(rotations)
+    characters = {name.rsplit("/rot", 1)[0] for name in train.class_names}
+    assert characters == {name.rsplit("/rot", 1)[0] for name in default.splits["train"].class_names}
+    assert int(train.groups.max()) + 1 == len(alphabets(train.class_names)) * len(rotations)
+    for split_name in ("val", "test"):
+        assert data.splits[split_name].class_names == default.splits[split_name].class_names
+    name = sorted(characters)[0]
+    first = train.class_names.index(f"{name}/rot000")
+    drawings = train.images[train.labels == first]
+    for r in rotations:
+        turned = train.images[train.labels == train.class_names.index(f"{name}/rot{r:03d}")]
+        assert torch.equal(turned, torch.rot90(drawings, r // 90, dims=(-2, -1)))
+
+
+@pytest.mark.parametrize("rotations", [[45], [], [0, 0]])
+def test_bad_rotations_are_named(fake_root: Path, rotations: list[int]) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(f"rotations={rotations!r}: must be distinct values among")):
+        fake(fake_root, split="lake", rotations=rotations)
 
 
 def test_download_true_fetches_the_background_set_for_the_small_schemes(
