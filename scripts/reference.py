@@ -7,9 +7,11 @@ config (hyperparameters), the training episodes (metalearn's sampler and the tra
 tasks (the trainer's fixed test set, the 600 episodes a metalearn run is scored on), so that the two
 accuracies at the same meta-step compare implementations and nothing else.
 
-    python scripts/reference.py reptile --out docs/results/reference/reptile_omniglot_5w1s_quick \\
+    python scripts/reference.py train reptile --out docs/results/reference/reptile_omniglot_5w1s_quick \\
         trainer.max_steps=2000
-    python scripts/reference.py matching --out docs/results/reference/matching_omniglot_5w1s_quick
+    python scripts/reference.py train matching --out docs/results/reference/matching_omniglot_5w1s_quick
+    python scripts/reference.py compare --run <metalearn run of the same settings> \\
+        --reference docs/results/reference/matching_omniglot_5w1s_quick --figure <png>
 
 Methods:
     reptile   Nichol et al. (2018), `reptile_omniglot_5w1s_quick` by default. Four 3x3 convolutions of
@@ -27,8 +29,10 @@ Methods:
               on the mean loss of the meta-batch. BatchNorm uses batch statistics in training and running
               statistics at test.
 
-Output: `curve.json` in `--out`, the test accuracy (mean and 95% interval over tasks) every `--eval-every`
-meta-steps on the first `--eval-tasks` test tasks, and at the last step on all `trainer.test_tasks`.
+`train` writes `curve.json` in `--out`: accuracy (mean and 95% interval over tasks) on the trainer's fixed
+validation tasks every `trainer.eval_every` meta-steps, and at the last step on its test tasks too.
+`compare` puts a metalearn run of the same settings beside it: test accuracy on the same tasks at the
+same meta-step, whether the intervals overlap, and both validation curves in one figure.
 """
 
 from __future__ import annotations
@@ -161,26 +165,12 @@ METHODS: dict[str, tuple[Callable[..., Any], str]] = {
 }
 
 
-def scores_on(method: Any, test: list[TaskBatch], n: int) -> list[float]:
-    """Per-task accuracies on the first `n` tasks of the fixed test set."""
-    scores: list[float] = []
-    for batch in test:
-        if len(scores) >= n:
-            break
-        scores += method.accuracy(batch)
-    return scores[:n]
+def scores_on(method: Any, batches: list[TaskBatch]) -> list[float]:
+    """Per-task accuracies on a fixed task set."""
+    return [score for batch in batches for score in method.accuracy(batch)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=sorted(METHODS))
-    parser.add_argument("--experiment", default=None, help="default: the method's quick Omniglot experiment")
-    parser.add_argument("--inner-state", choices=["carried", "task"], default="carried", help="reptile only")
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--eval-tasks", type=int, default=100)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("overrides", nargs="*", help="config overrides, as on metalearn's command line")
-    args = parser.parse_intermixed_args()
+def train(args: argparse.Namespace) -> None:
     make, default_experiment = METHODS[args.method]
     experiment = args.experiment or default_experiment
     cfg = compose(experiment, args.overrides)
@@ -189,26 +179,85 @@ def main() -> None:
     tasks, trainer = instantiate(cfg.dataset), cfg.trainer
     torch.manual_seed(int(cfg.seed))
     method = make(cfg, tasks.sample(1, "test", torch.Generator().manual_seed(0)).support_x.shape[2:], args.inner_state)
-    test = list(fixed_batches(tasks, "test", int(trainer.test_tasks), int(trainer.test_seed), 50))
+    sets = {split: list(fixed_batches(tasks, split, int(trainer[f"{split}_tasks"]), int(trainer[f"{split}_seed"]), 50))
+            for split in ("val", "test")}
     generator = torch.Generator().manual_seed(int(cfg.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curve: list[dict[str, float]] = []
-    max_steps = int(trainer.max_steps)
+    max_steps, every = int(trainer.max_steps), int(trainer.eval_every)
     start = time.perf_counter()
     for step in range(1, max_steps + 1):
         method.meta_step(tasks.sample(int(trainer.meta_batch_size), "train", generator), (step - 1) / max_steps)
-        if step % args.eval_every == 0 or step == max_steps:
-            scores = scores_on(method, test, int(trainer.test_tasks) if step == max_steps else args.eval_tasks)
-            mean, half = mean_ci95(torch.tensor(scores))
-            point = {"step": step, "seconds": round(time.perf_counter() - start, 1), "test_acc": mean,
-                     "test_ci95": half, "tasks": len(scores)}
+        if step % every == 0 or step == max_steps:
+            point: dict[str, float] = {"step": step}
+            for split in ("val", "test") if step == max_steps else ("val",):
+                mean, half = mean_ci95(torch.tensor(scores_on(method, sets[split])))
+                point |= {f"{split}_acc": mean, f"{split}_ci95": half}
+            point["seconds"] = round(time.perf_counter() - start, 1)
             curve.append(point)
             print(json.dumps(point), flush=True)
             (out / "curve.json").write_text(json.dumps({
                 "implementation": f"scripts/reference.py {args.method}", "experiment": experiment,
                 "overrides": args.overrides, "inner_state": args.inner_state if args.method == "reptile" else None,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "curve": curve}, indent=1) + "\n")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """metalearn's run against the reference at the same meta-step: test accuracy on the same 600 tasks,
+    intervals, and both validation curves (the same fixed validation tasks) in one figure."""
+    from metalearn.report import read_curve
+
+    run, reference = Path(args.run), json.loads((Path(args.reference) / "curve.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    last = reference["curve"][-1]
+    ours, ours_ci = results["test"]["query_acc"], results["test"]["query_acc_ci95"]
+    theirs, theirs_ci = last["test_acc"], last["test_ci95"]
+    overlap = abs(ours - theirs) <= ours_ci + theirs_ci
+    tasks = int(results["test"]["tasks"])
+    print(f"| implementation | meta-steps | test accuracy ({tasks} tasks) |\n| --- | --- | --- |\n"
+          f"| metalearn ({run}) | {results['step']:,} (best {results['best_step']:,}) | "
+          f"{100 * ours:.2f}% ± {100 * ours_ci:.2f}% |\n"
+          f"| {reference['implementation']} | {last['step']:,} | {100 * theirs:.2f}% ± {100 * theirs_ci:.2f}% |")
+    print(f"intervals {'overlap: budget-matched' if overlap else 'apart'} "
+          f"(difference {100 * (ours - theirs):+.2f} points)")
+    if args.figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, values = read_curve(run, "val/query_acc")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot(steps, [100 * v for v in values], marker=".", label="metalearn")
+        ax.plot([p["step"] for p in reference["curve"]], [100 * p["val_acc"] for p in reference["curve"]],
+                marker=".", label=reference["implementation"])
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel("validation accuracy (%, the same fixed tasks)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.figure, dpi=100)
+        print(f"figure: {args.figure}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("train", help="train a reference implementation on an experiment's episodes")
+    run.add_argument("method", choices=sorted(METHODS))
+    run.add_argument("--experiment", default=None, help="default: the method's quick Omniglot experiment")
+    run.add_argument("--inner-state", choices=["carried", "task"], default="carried", help="reptile only")
+    run.add_argument("--out", required=True, help="directory for curve.json")
+    cmp = sub.add_parser("compare", help="a metalearn run against a reference curve at the same step")
+    cmp.add_argument("--run", required=True, help="a metalearn run directory")
+    cmp.add_argument("--reference", required=True, help="a directory holding curve.json")
+    cmp.add_argument("--figure", default=None, help="where to write the PNG of both validation curves")
+    args, overrides = parser.parse_known_args()  # config overrides, as on metalearn's command line
+    if args.command == "compare" or any(o.startswith("-") for o in overrides):
+        parser.parse_args()  # the usual error for what is not a config override
+    args.overrides = overrides
+    (train if args.command == "train" else compare)(args)
 
 
 if __name__ == "__main__":
