@@ -30,6 +30,7 @@ from metalearn.checks import one_of, positive_int
 from metalearn.metrics import eval_metrics, query_metric
 from metalearn.rundir import write_new
 from metalearn.runtime import resolve_device, resolve_precision
+from metalearn.stats import INTERVAL
 from metalearn.tasks import Split, TrainingBatches
 from metalearn.train import ConfigError, OutputSizeError, build_learner
 from metalearn.trainer import evaluate_tasks
@@ -169,7 +170,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         "checkpoint": str(path.resolve()), "step": state["step"], "split": split, "episodes": request.episodes,
         "seed": seed, "overrides": request.overrides, "metric": metric,
         "higher_is_better": tasks.objective.higher_is_better, "mean": summary[metric],
-        "ci95": summary[f"{metric}_ci95"], "summary": summary,
+        "ci95": summary[f"{metric}_ci95"], "interval": INTERVAL, "summary": summary,
         "per_episode": {metric: scores.score.tolist(), f"{metric}_pre": scores.score_pre.tolist(),
                         "query_loss": scores.loss.tolist(), "query_loss_pre": scores.loss_pre.tolist()},
     }

@@ -13,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from metalearn.algorithms.base import StepResult, TaskScores
+from metalearn.stats import t_quantile
 
 
 def tag(split: str, name: str) -> str:
@@ -40,14 +41,11 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     """Mean and half-width of the 95% confidence interval of the mean, t * std / sqrt(n) with t Student's
     0.975 quantile for n - 1 degrees of freedom (2.023 at n = 40, 1.984 at 100, 1.964 at 600; the normal
     1.96 only in the limit); the half-width of a single value is 0."""
-    from scipy import stats  # imported here: a second of start-up that only evaluations pay
-
     values = values.double()
     n = values.numel()
     if n < 2:
         return values.mean().item(), 0.0
-    t = float(stats.t.ppf(0.975, n - 1))
-    return values.mean().item(), t * values.std(unbiased=True).item() / math.sqrt(n)
+    return values.mean().item(), t_quantile(n) * values.std(unbiased=True).item() / math.sqrt(n)
 
 
 def eval_metrics(scores: TaskScores, split: str, metric: str) -> dict[str, float]:

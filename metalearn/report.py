@@ -49,6 +49,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from metalearn.stats import recorded_ci95
+
 # Overrides that name where or how a run ran, not what it computed; never report columns.
 NOT_SETTINGS = ("seed", "experiment", "ckpt_path", "trainer.progress", "trainer.resume", "trainer.device",
                 "trainer.compile", "paths.", "hydra.", "logger.")
@@ -224,14 +226,19 @@ def build_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[Row]:
         metric = run.results["metric"]
         target.metric = metric
         target.values.append(float(run.results["test"][metric]))
-        target.cis.append(float(run.results["test"][f"{metric}_ci95"]))
+        target.cis.append(_ci95(run.results, run.results["test"], metric))
         for result in run.evals:
             extra = row(run, _evaluation_label(result), own_setting=not result.get("overrides"))
             extra.runs.append(run)
             extra.metric = result["metric"]
             extra.values.append(float(result["mean"]))
-            extra.cis.append(float(result["ci95"]))
+            extra.cis.append(recorded_ci95(float(result["ci95"]), int(result["episodes"]), result.get("interval")))
     return list(rows.values())
+
+
+def _ci95(results: dict[str, Any], split: dict[str, Any], name: str) -> float:
+    """The 95% half-width of `name` in a results.json split, on Student's t (see `recorded_ci95`)."""
+    return recorded_ci95(float(split[f"{name}_ci95"]), int(split.get("tasks", 600)), results.get("interval"))
 
 
 def _scale(metric: str) -> tuple[float, str, int]:
@@ -419,7 +426,7 @@ def metrics_table(rows: Sequence[Row], keys: Sequence[str], columns: Sequence[st
             if len(values) > 1:
                 spread = f" ± {statistics.stdev(values) * factor:.{digits}f}{unit} (std)"
             else:
-                spread = f" ± {float(finished[0]['test'][f'{name}_ci95']) * factor:.{digits}f}{unit}"
+                spread = f" ± {_ci95(finished[0], finished[0]['test'], name) * factor:.{digits}f}{unit}"
             cells.append(f"{statistics.fmean(values) * factor:.{digits}f}{unit}{spread}")
         command = row.runs[0].command
         line = [_row_label(row, keys), f"`{command}`", *cells, summarise(row).get("paper", "—")]

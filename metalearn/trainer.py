@@ -35,6 +35,7 @@ from metalearn.metrics import (
     tag,
 )
 from metalearn.runtime import autocast, resolve_device, resolve_precision, stop_on_signal
+from metalearn.stats import INTERVAL
 from metalearn.tasks import Split, TaskSampler, fixed_batches
 
 log = logging.getLogger(__name__)
@@ -317,7 +318,7 @@ class Trainer:
         results = {
             "metric": self.metric, "higher_is_better": self.higher_is_better, "step": self.step,
             "best_step": self.best_step, "wall_time_s": round(self.elapsed, 1), "device": str(self.device),
-            "precision": str(self.precision).removeprefix("torch."), "compiled": self.compiled,
+            "precision": str(self.precision).removeprefix("torch."), "compiled": self.compiled, "interval": INTERVAL,
             "val": {k.split("/", 1)[1]: v for k, v in val.items()},
             "test": {k.split("/", 1)[1]: v for k, v in test.items()},
         }

@@ -9,6 +9,7 @@ import torch
 
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.metrics import flatten_hparams, mean_ci95
+from metalearn.stats import INTERVAL, recorded_ci95
 from metalearn.tasks import TaskBatch, fixed_batches, fixed_tasks
 
 
@@ -46,6 +47,16 @@ def test_mean_ci95_matches_hand_computation() -> None:
     forty = torch.arange(40.0)
     assert math.isclose(mean_ci95(forty)[1], 2.023 * forty.std().item() / math.sqrt(40), rel_tol=1e-3)
     assert mean_ci95(torch.tensor([0.5])) == (0.5, 0.0)
+
+
+def test_intervals_of_older_files_are_read_on_students_t() -> None:
+    """A half-width stored with the normal 1.96 (files without "interval") is rescaled to what mean_ci95
+    gives for the same values; one stored on t is left alone."""
+    values = torch.arange(40.0)
+    mean, t_half = mean_ci95(values)
+    normal = 1.96 * values.std().item() / math.sqrt(40)
+    assert math.isclose(recorded_ci95(normal, 40, None), t_half, rel_tol=1e-6)
+    assert recorded_ci95(t_half, 40, INTERVAL) == t_half
 
 
 def test_flatten_hparams() -> None:
