@@ -222,23 +222,13 @@ def compare(args: argparse.Namespace) -> None:
     print(f"intervals {'overlap: budget-matched' if overlap else 'apart'} "
           f"(difference {100 * (ours - theirs):+.2f} points)")
     if args.figure:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from time_to_accuracy import line_figure
 
         steps, values = read_curve(run, "val/query_acc")
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(steps, [100 * v for v in values], marker=".", label="metalearn")
-        ax.plot([p["step"] for p in reference["curve"]], [100 * p["val_acc"] for p in reference["curve"]],
-                marker=".", label=reference["implementation"])
-        ax.set_xlabel("meta-step")
-        ax.set_ylabel("validation accuracy (%, the same fixed tasks)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.figure, dpi=100)
-        print(f"figure: {args.figure}")
+        line_figure({"metalearn": (steps, [100 * v for v in values]),
+                     reference["implementation"]: ([p["step"] for p in reference["curve"]],
+                                                   [100 * p["val_acc"] for p in reference["curve"]])},
+                    "meta-step", "validation accuracy (%, the same fixed tasks)", args.figure)
 
 
 def main() -> None:

@@ -166,22 +166,32 @@ def report(args: argparse.Namespace) -> None:
         end = f"{int(curve[-1]['step']):,}, {curve[-1]['seconds'] / 60:.1f}"
         print(f"| {name} | " + " | ".join(cells) + f" | {end} |")
     if args.figure:
-        import matplotlib
+        lines = {name: ([p["seconds"] / 60 for p in curve], [100 * p["val_acc"] for p in curve])
+                 for name, curve in curves.items()}
+        bottom = max(0.0, min(100 * p["val_acc"] for c in curves.values() for p in c) - 2)
+        line_figure(lines, "wall time (minutes, validations included)", f"{VAL_TAG} (%)", args.figure, bottom)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, curve in curves.items():
-            ax.plot([p["seconds"] / 60 for p in curve], [100 * p["val_acc"] for p in curve], marker=".", label=name)
-        ax.set_xlabel("wall time (minutes, validations included)")
-        ax.set_ylabel(f"{VAL_TAG} (%)")
-        ax.set_ylim(bottom=max(0.0, min(100 * p["val_acc"] for c in curves.values() for p in c) - 2))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.figure, dpi=100)
-        print(f"figure: {args.figure}")
+def line_figure(lines: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, path: str,
+                bottom: float | None = None) -> None:
+    """One labelled line per entry (x values, y values), written to the PNG `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker=".", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if bottom is not None:
+        ax.set_ylim(bottom=bottom)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"figure: {path}")
 
 
 def main() -> None:
