@@ -225,7 +225,7 @@ def compare(args: argparse.Namespace) -> None:
         from time_to_accuracy import line_figure
 
         steps, values = read_curve(run, "val/query_acc")
-        line_figure({"metalearn": (steps, [100 * v for v in values]),
+        line_figure({"metalearn": ([float(s) for s in steps], [100 * v for v in values]),
                      reference["implementation"]: ([p["step"] for p in reference["curve"]],
                                                    [100 * p["val_acc"] for p in reference["curve"]])},
                     "meta-step", "validation accuracy (%, the same fixed tasks)", args.figure)

@@ -205,9 +205,9 @@ def _scheme(root: Path, split: str, image_size: int, cache: Path | None,
         images = torch.cat([background[0], evaluation[0]])
         characters = background[1] + evaluation[1]
         lists = {"train": "trainval" if split == "vinyals_trainval" else "train", "val": "val", "test": "test"}
-        names = {s: _vinyals_lines(lists[s]) for s in ("train", "val", "test")}
-        names["train"] = _rotated(names["train"], rotations)
-        return {s: _classes(images, characters, names[s]) for s in ("train", "val", "test")}
+        listed = {s: _vinyals_lines(lists[s]) for s in ("train", "val", "test")}
+        listed["train"] = _rotated(listed["train"], rotations)
+        return {s: _classes(images, characters, listed[s]) for s in ("train", "val", "test")}
     test = _classes(*evaluation, sorted(set(evaluation[1])))
     names = sorted(set(background[1]))
     if split == "lake":
