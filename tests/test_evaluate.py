@@ -46,9 +46,11 @@ def test_eval_repeats_the_runs_test_and_writes_every_episode(compose_cfg: Compos
     assert Path(results["file"]).parent == run and Path(results["file"]).name.startswith("eval_test_")
     values = written["per_episode"]["query_mse"]
     assert len(values) == 6 and len(written["per_episode"]["query_loss_pre"]) == 6
-    # The CI by hand: 1.96 times the sample standard deviation over sqrt(N).
+    # The CI by hand: Student's t(0.975; 5) = 2.5706 (a printed table) times the sample standard deviation
+    # over sqrt(N).
     assert written["mean"] == pytest.approx(sum(values) / 6, rel=1e-9)
-    assert written["ci95"] == pytest.approx(1.96 * statistics.stdev(values) / math.sqrt(6), rel=1e-9)
+    assert written["ci95"] == pytest.approx(2.5706 * statistics.stdev(values) / math.sqrt(6), rel=1e-4)
+    assert written["interval"] == "t"
     assert (written["split"], written["seed"], written["episodes"]) == ("test", 2, 6)
 
 
