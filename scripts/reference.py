@@ -47,19 +47,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from time_to_accuracy import compose_experiment, line_figure
 from torch import Tensor, nn
 
 from metalearn.metrics import mean_ci95
 from metalearn.tasks import TaskBatch, fixed_batches
-from metalearn.train import CONFIG_DIR
-
-
-def compose(experiment: str, overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
 
 
 def conv4(channels: int, image_size: int, *, pool: bool, running_stats: bool, n_way: int | None) -> nn.Sequential:
@@ -173,7 +165,7 @@ def scores_on(method: Any, batches: list[TaskBatch]) -> list[float]:
 def train(args: argparse.Namespace) -> None:
     make, default_experiment = METHODS[args.method]
     experiment = args.experiment or default_experiment
-    cfg = compose(experiment, args.overrides)
+    cfg = compose_experiment(experiment, args.overrides)
     from hydra.utils import instantiate
 
     tasks, trainer = instantiate(cfg.dataset), cfg.trainer
@@ -222,8 +214,6 @@ def compare(args: argparse.Namespace) -> None:
     print(f"intervals {'overlap: budget-matched' if overlap else 'apart'} "
           f"(difference {100 * (ours - theirs):+.2f} points)")
     if args.figure:
-        from time_to_accuracy import line_figure
-
         steps, values = read_curve(run, "val/query_acc")
         line_figure({"metalearn": ([float(s) for s in steps], [100 * v for v in values]),
                      reference["implementation"]: ([p["step"] for p in reference["curve"]],

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.algorithms.base import StepResult
-from metalearn.algorithms.functional import CarriedState, InnerSGD, Params, forward_with, params_of
+from metalearn.algorithms.functional import CarriedState, Params, forward_with, params_of
 from metalearn.algorithms.maml import MAML
 from metalearn.checks import one_of, positive_int, true_false_auto
 from metalearn.objectives import Objective
@@ -112,7 +112,7 @@ class Reptile(MAML):
                          eval_inner_steps=eval_inner_steps, first_order=True, inner_optimizer=inner_optimizer,
                          inner_betas=inner_betas, inner_eps=inner_eps, vectorize=False if carried else vectorize)
         self.carried: CarriedState | None = None
-        if carried and not isinstance(self.optimizer, InnerSGD):
+        if carried:
             self.optimizer = self.carried = CarriedState(self.optimizer)
         self.inner_batch_size = None if inner_batch_size is None else positive_int("inner_batch_size",
                                                                                    inner_batch_size)
