@@ -70,6 +70,8 @@ class MatchingNet(MetricLearner):
             so they are created by `setup(tasks)`, which must run before training or evaluation.
         fce_steps: K, the attention LSTM's reads over the support set (fce only). The paper does not
             give a value; 5 is the reference implementation's default.
+        train_pass: `per_set` or `per_task`, how training steps embed a task under batch-statistics
+            normalisation (see `MetricLearner`).
 
     Scores are class log-probabilities, so the base's cross-entropy is the paper's -log P(y | x).
     Metrics and batch-statistics normalisation: see `MetricLearner` and `embed_sets`.
@@ -78,8 +80,8 @@ class MatchingNet(MetricLearner):
     needs_classes_because: ClassVar[str] = "it attends over labelled support examples and its loss is a log-likelihood"
 
     def __init__(self, model: nn.Module, objective: Objective, scale: float = 1.0, learn_scale: bool = False,
-                 fce: bool = False, fce_steps: int = 5) -> None:
-        super().__init__(model, objective)
+                 fce: bool = False, fce_steps: int = 5, train_pass: str = "per_set") -> None:
+        super().__init__(model, objective, train_pass)
         self._register_scale(scale, learn_scale)
         self.fce = fce
         self.fce_steps = positive_int("fce_steps", fce_steps)

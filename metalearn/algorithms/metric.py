@@ -22,11 +22,14 @@ from torch.func import vmap
 
 from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
-from metalearn.checks import positive_float
+from metalearn.checks import one_of, positive_float
 from metalearn.models.norm import PerStepBatchNorm2d
 from metalearn.objectives import Classification, Objective, at_least_float32
 from metalearn.runtime import full_precision
 from metalearn.tasks import Task, TaskBatch, TaskSampler
+
+# How training steps embed a task's support and query sets under batch-statistics normalisation.
+TRAIN_PASSES = ("per_set", "per_task")
 
 
 def mixes_examples(model: nn.Module) -> bool:
@@ -37,7 +40,7 @@ def mixes_examples(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def embed_sets(model: nn.Module, sets: Sequence[Tensor]) -> list[Tensor]:
+def embed_sets(model: nn.Module, sets: Sequence[Tensor], per_task: bool = False) -> list[Tensor]:
     """Embeddings [T, n_i, *feature_shape] of image sets [T, n_i, ...] (support, query, ...).
 
     The embeddings are at least float32, also under reduced-precision autocast (trainer.precision), so that
@@ -45,11 +48,17 @@ def embed_sets(model: nn.Module, sets: Sequence[Tensor]) -> list[Tensor]:
 
     Batch-statistics normalisation (`mixes_examples`) makes an image's embedding depend on its batch;
     then every task's sets get their own forward pass, so nothing leaks between tasks or from a query
-    set into a support set. Otherwise (running statistics in eval mode, GroupNorm, none) all images
-    go through the network in one pass, with the same result.
+    set into a support set; with `per_task`, each task's sets share one pass (normalised together, as
+    Snell et al.'s code trains), and still nothing leaks between tasks. Otherwise (running statistics in
+    eval mode, GroupNorm, none) all images go through the network in one pass, with the same result.
     """
+    if mixes_examples(model) and per_task:
+        sizes = [images.shape[1] for images in sets]
+        tasks = [at_least_float32(model(torch.cat([images[t] for images in sets]))).split(sizes)
+                 for t in range(sets[0].shape[0])]
+        return [torch.stack(parts) for parts in zip(*tasks)]
     if mixes_examples(model):
-        return [torch.stack([at_least_float32(model(images)) for images in per_task]) for per_task in sets]
+        return [torch.stack([at_least_float32(model(images)) for images in one_set]) for one_set in sets]
     flat = at_least_float32(model(torch.cat([images.flatten(0, 1) for images in sets])))
     parts = flat.split([images.shape[0] * images.shape[1] for images in sets])
     return [part.view(images.shape[0], images.shape[1], *part.shape[1:]) for part, images in zip(parts, sets)]
@@ -103,6 +112,11 @@ class MetricLearner(MetaAlgorithm):
     Args:
         model: the embedding network.
         objective: must be classification.
+        train_pass: how training steps embed a task's sets when the model normalises with batch
+            statistics (`mixes_examples`): `per_set` (support and query in separate passes, each normalised
+            by its own statistics) or `per_task` (one pass over the task's support and query images, as
+            Snell et al.'s code trains). Evaluation always embeds per set, so no query shapes the
+            normalisation of a support set at test time, whatever this is.
     """
 
     # The model outputs embeddings, not one value per class, so a check that its output size equals the
@@ -112,11 +126,12 @@ class MetricLearner(MetaAlgorithm):
     needs_classes_because: ClassVar[str] = "it classifies queries by comparing them with the support set"
     scale: Tensor
 
-    def __init__(self, model: nn.Module, objective: Objective) -> None:
+    def __init__(self, model: nn.Module, objective: Objective, train_pass: str = "per_set") -> None:
         if not isinstance(objective, Classification):
             raise ValueError(f"{type(self).__name__} needs a classification dataset ({self.needs_classes_because}), "
                              f"but the dataset's objective is {type(objective).__name__} (metric {objective.metric})")
         super().__init__(model, objective)
+        self.train_pass = one_of("train_pass", train_pass, TRAIN_PASSES)
 
     def _register_scale(self, scale: float, learn: bool) -> None:
         """`self.scale`: a meta-parameter starting at `scale` if `learn`, else a fixed buffer."""
@@ -127,8 +142,9 @@ class MetricLearner(MetaAlgorithm):
             self.register_buffer("scale", initial)
 
     def embed(self, sets: Sequence[Tensor]) -> list[Tensor]:
-        """Embeddings [T, n_i, *feature_shape] of image sets [T, n_i, ...]; see `embed_sets`."""
-        return embed_sets(self.model, sets)
+        """Embeddings [T, n_i, *feature_shape] of image sets [T, n_i, ...]; see `embed_sets` (with
+        `train_pass=per_task`, training steps embed each task in one pass)."""
+        return embed_sets(self.model, sets, per_task=self.training and self.train_pass == "per_task")
 
     @abstractmethod
     def fit(self, support: Tensor, support_y: Tensor, n_way: int) -> Params:

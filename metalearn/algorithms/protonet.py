@@ -55,6 +55,8 @@ class ProtoNet(MetricLearner):
             similarities lie in [-1, 1], so cosine needs a larger scale (e.g. 10) to express a
             confident softmax (Oreshkin et al., 2018, TADAM, "metric scaling").
         learn_scale: make `scale` a meta-parameter (its initial value is `scale`); otherwise fixed.
+        train_pass: `per_set` or `per_task`, how training steps embed a task under batch-statistics
+            normalisation (see `MetricLearner`).
 
     Metrics and batch-statistics normalisation: see `MetricLearner` and `embed_sets`.
     """
@@ -62,8 +64,8 @@ class ProtoNet(MetricLearner):
     needs_classes_because: ClassVar[str] = "prototypes are class means and its loss is cross-entropy"
 
     def __init__(self, model: nn.Module, objective: Objective, distance: str = "euclidean", scale: float = 1.0,
-                 learn_scale: bool = False) -> None:
-        super().__init__(model, objective)
+                 learn_scale: bool = False, train_pass: str = "per_set") -> None:
+        super().__init__(model, objective, train_pass)
         self.distance = one_of("distance", distance, DISTANCES)
         self._register_scale(scale, learn_scale)
 

@@ -79,6 +79,8 @@ class RelationNet(MetricLearner):
         hidden: units of the relation module's hidden linear layer (8 in the paper).
         norm: the relation module's normalisation: batch_running (BatchNorm with running statistics at
             evaluation), batch (batch statistics always), group or none.
+        train_pass: `per_set` or `per_task`, how training steps embed a task under batch-statistics
+            normalisation (see `MetricLearner`).
 
     The relation module is created by `setup(tasks)`, which must run before training or evaluation.
     Scores are relation scores in (0, 1); the query loss is their mean squared error to the one-hot
@@ -89,8 +91,8 @@ class RelationNet(MetricLearner):
     needs_classes_because: ClassVar[str] = "it scores each query against each class's support images"
 
     def __init__(self, model: nn.Module, objective: Objective, filters: int | None = None, hidden: int = 8,
-                 norm: str = "batch_running") -> None:
-        super().__init__(model, objective)
+                 norm: str = "batch_running", train_pass: str = "per_set") -> None:
+        super().__init__(model, objective, train_pass)
         self.filters = None if filters is None else positive_int("filters", filters)
         self.hidden = positive_int("hidden", hidden)
         self.norm = one_of("norm", norm, RELATION_NORMS)

@@ -210,6 +210,48 @@ def test_one_pass_over_the_meta_batch_equals_one_task_at_a_time(norm: str) -> No
     assert all(torch.equal(buffers[name], b) for name, b in model.named_buffers())
 
 
+def joint_pass_loss(model: nn.Module, batch: TaskBatch) -> Tensor:
+    """The training loss of Snell et al.'s code: per task, support and query images concatenated into
+    one forward pass (batch statistics over both), prototypes and squared distances from its parts."""
+    losses = []
+    for task in batch:
+        n_support = len(task.support_y)
+        embedded = model(torch.cat([task.support_x, task.query_x])).flatten(1)
+        support, query = embedded[:n_support], embedded[n_support:]
+        n_way = int(task.support_y.max()) + 1
+        prototypes = torch.stack([support[task.support_y == k].mean(0) for k in range(n_way)])
+        losses.append(F.cross_entropy(-((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1), task.query_y))
+    return torch.stack(losses).mean()
+
+
+def test_per_task_training_pass_is_the_papers_joint_pass_and_evaluation_stays_per_set() -> None:
+    """train_pass=per_task: a training step's loss and gradient equal the joint-pass reference (and
+    differ from per_set's, whose support and query are normalised apart); evaluation with batch
+    statistics is per set either way, so a query set never shapes the prototypes."""
+    episodes = tiny_episodes()
+    batch = episodes.sample(2, "train", torch.Generator().manual_seed(7))
+    batch = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tiny_conv("batch").double()
+    joint, apart = (ProtoNet(model, Classification(), train_pass=mode) for mode in ("per_task", "per_set"))
+
+    grads, result = meta_grads(joint, batch)
+    loss = joint_pass_loss(model, batch)
+    for (name, actual), reference in zip(grads.items(), torch.autograd.grad(loss, list(model.parameters()))):
+        torch.testing.assert_close(actual, reference, rtol=1e-9, atol=1e-12, msg=name)
+    assert result.meta_loss == pytest.approx(loss.item(), rel=1e-10)
+    _, separate = meta_grads(apart, batch)
+    assert abs(separate.meta_loss - result.meta_loss) > 1e-3
+
+    test = episodes.sample(2, "test", torch.Generator().manual_seed(8))
+    test = TaskBatch(test.support_x.double(), test.support_y, test.query_x.double(), test.query_y)
+    joint.eval(), apart.eval()
+    torch.testing.assert_close(joint.evaluate(test).loss, apart.evaluate(test).loss, rtol=0, atol=0)
+    new_query = Task(test[0].support_x, test[0].support_y, test[1].query_x, test[0].query_y)
+    assert torch.equal(joint.adapt(test[0])["prototypes"], joint.adapt(new_query)["prototypes"])
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Argument checks.
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +266,7 @@ def test_regression_objective_is_refused() -> None:
     ({"distance": "manhattan"}, "distance='manhattan': must be one of euclidean, cosine"),
     ({"scale": 0.0}, "scale=0.0: must be a finite number > 0"),
     ({"scale": math.inf}, "scale=inf: must be a finite number > 0"),
+    ({"train_pass": "joint"}, "train_pass='joint': must be one of per_set, per_task"),
 ])
 def test_bad_options_are_named(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
