@@ -34,7 +34,7 @@ from metalearn.metrics import (
     step_metrics,
     tag,
 )
-from metalearn.runtime import autocast, resolve_device, resolve_precision, stop_on_signal
+from metalearn.runtime import autocast, resolve_allocator, resolve_device, resolve_precision, stop_on_signal
 from metalearn.stats import INTERVAL
 from metalearn.tasks import Split, TaskSampler, fixed_batches
 
@@ -86,6 +86,8 @@ class Trainer:
             native bfloat16, float32 elsewhere); see `runtime.resolve_precision`.
         compile: compile the algorithm's per-task computation with torch.compile: true, false or auto
             (where it is measured to be faster; see the algorithm's `use_compile`).
+        allocator: host memory management for the process: auto, retain or system; see
+            `runtime.resolve_allocator`.
         seed: seed of the training-task generator.
         resume: continue from `output_dir/checkpoints/last.pt` if it exists.
         ckpt_path: continue from this checkpoint instead.
@@ -99,7 +101,8 @@ class Trainer:
         max_steps: int = 10_000, meta_batch_size: int = 25, eval_every: int = 1000, log_every: int = 50,
         checkpoint_every: int = 1000, val_tasks: int = 100, test_tasks: int = 600, val_seed: int = 1,
         test_seed: int = 2, eval_batch_size: int = 100, grad_clip: float | None = None, device: str = "auto",
-        precision: str = "auto", compile: bool | str = "auto", seed: int = 0, resume: bool = False,
+        precision: str = "auto", compile: bool | str = "auto", allocator: str = "auto", seed: int = 0,
+        resume: bool = False,
         ckpt_path: Path | None = None, run_config: dict[str, Any] | None = None, progress: bool = True,
     ) -> None:
         for name in ("max_steps", "meta_batch_size", "eval_every", "log_every", "checkpoint_every", "val_tasks",
@@ -117,6 +120,7 @@ class Trainer:
         self.algorithm = algorithm.to(self.device)
         self.precision = resolve_precision(precision, self.device, algorithm.model)
         self.compiled = algorithm.use_compile(compile, self.device)
+        self.allocator = resolve_allocator(allocator, self.device)
         self.algorithm.bind_optimizer(optimizer)
         self.tasks, self.optimizer, self.scheduler, self.make_logger = tasks, optimizer, scheduler, logger
         self.output_dir, self.ckpt_dir = output_dir, output_dir / "checkpoints"
@@ -318,7 +322,8 @@ class Trainer:
         results = {
             "metric": self.metric, "higher_is_better": self.higher_is_better, "step": self.step,
             "best_step": self.best_step, "wall_time_s": round(self.elapsed, 1), "device": str(self.device),
-            "precision": str(self.precision).removeprefix("torch."), "compiled": self.compiled, "interval": INTERVAL,
+            "precision": str(self.precision).removeprefix("torch."), "compiled": self.compiled,
+            "allocator": self.allocator, "interval": INTERVAL,
             "val": {k.split("/", 1)[1]: v for k, v in val.items()},
             "test": {k.split("/", 1)[1]: v for k, v in test.items()},
         }

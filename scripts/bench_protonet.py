@@ -16,9 +16,8 @@ pixels), pre-drawn, so no dataset is needed; sampling real episodes costs about 
                 resolves on this machine (`trainer.precision=auto`: bfloat16 autocast on a CPU with
                 native bfloat16, float32 otherwise).
     metalearn, float32  the same in float32, for information (when auto resolves to bfloat16).
-                BatchNorm with batch statistics makes an image's embedding depend on its batch, so
-                metalearn embeds the support set and the query set in separate passes (queries
-                never shape the prototypes' normalisation); the reference's joint pass mixes them.
+                Like the reference, and like the Omniglot experiments (`algorithm.train_pass=per_task`),
+                it embeds each training episode's support and query images in one pass.
 
 Variants alternate in rounds and medians are reported. The share of the matmul peak counts the
 convolutions' multiply-adds (forward, and twice that for the backward pass) against a float32
@@ -93,7 +92,7 @@ def reference_step(pool: list[TaskBatch], channels_last: bool = False) -> Callab
 
 def metalearn_step(pool: list[TaskBatch], precision: str = "auto") -> Callable[[int], None]:
     """One training episode as the trainer runs it, with the experiment's model (channels-last)."""
-    algorithm = ProtoNet(make_model(channels_last=True), Classification())
+    algorithm = ProtoNet(make_model(channels_last=True), Classification(), train_pass="per_task")
     algorithm.measure_pre_adaptation = False  # as the trainer, except on its logging steps
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=LR)
     device = torch.device("cpu")
