@@ -107,15 +107,22 @@ def checkpoint_in(path: Path) -> Path:
 # Settings that may change when a run is continued: the budget, where and how it runs, how often it
 # evaluates, logs and checkpoints, and the run's label. Every other setting must equal the run's own.
 RESUME_KEYS = ("ckpt_path", "name", "trainer.resume", "trainer.max_steps", "trainer.progress", "trainer.device",
-               "trainer.precision", "trainer.compile",
+               "trainer.precision", "trainer.compile", "trainer.allocator",
                "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every", "trainer.eval_batch_size",
                "paths.", "logger.")
 
 
+# Settings added after runs were recorded, with the value that does what such runs did: a run saved
+# without the key continues with that value (and no other).
+INTRODUCED = {"algorithm.train_pass": "per_set", "algorithm.inner_state": "task"}
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that differs between two resolved configs, apart from
-    those that may change on resume (`RESUME_KEYS`)."""
+    those that may change on resume (`RESUME_KEYS`); a setting the saved run predates (`INTRODUCED`)
+    counts as the value it had then."""
     old, new = flatten_hparams(saved), flatten_hparams(current)
+    old = {**{key: value for key, value in INTRODUCED.items() if key in new}, **old}
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and not _may_change(key)]
 

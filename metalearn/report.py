@@ -53,7 +53,7 @@ from metalearn.stats import recorded_ci95
 
 # Overrides that name where or how a run ran, not what it computed; never report columns.
 NOT_SETTINGS = ("seed", "experiment", "ckpt_path", "trainer.progress", "trainer.resume", "trainer.device",
-                "trainer.compile", "paths.", "hydra.", "logger.")
+                "trainer.compile", "trainer.allocator", "paths.", "hydra.", "logger.")
 # Overrides left out of the command a results page shows: they change nothing a reader would repeat.
 QUIET_OVERRIDES = ("trainer.progress",)
 LOSS_TAIL = 10  # logged training losses averaged for a results page (one step's loss is noisy)

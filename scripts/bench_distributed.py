@@ -40,25 +40,41 @@ BIN = Path(sys.executable).parent
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the repository
 
 
-def run(variant: str, nproc: int, steps: int, log_every: int, workdir: Path, data_dir: Path) -> float:
-    """Train `steps` meta-steps with one variant in a fresh directory; median logged meta-steps/s."""
-    cwd = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=workdir))
-    settings = [f"experiment={EXPERIMENT}", f"trainer.max_steps={steps}", f"trainer.log_every={log_every}",
+def trainer_speed(experiment: str, steps: int, log_every: int, workdir: Path, data_dir: Path, *,
+                  prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                  extra: tuple[str, ...] = ()) -> tuple[float, float]:
+    """Train `steps` meta-steps of `experiment` in a fresh directory under `workdir` (the command after
+    `prefix`, e.g. torchrun's, with `env` added to the environment and `extra` overrides). Returns the
+    median logged meta-steps/s after the first window (which includes warm-up) and the peak resident
+    memory of the process started (MiB; under torchrun, the launcher's)."""
+    cwd = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    settings = [f"experiment={experiment}", f"trainer.max_steps={steps}", f"trainer.log_every={log_every}",
                 f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}", "trainer.val_tasks=16",
-                "trainer.test_tasks=16", "trainer.progress=false", "trainer.device=cpu", f"paths.data_dir={data_dir}"]
-    threads = {"threads": nproc, "processes": 1, "one thread": 1}[variant]
-    command = [str(BIN / "metalearn"), *settings]
-    if variant == "processes":
-        command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *command]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    (run_dir,) = (cwd / "outputs" / "runs" / EXPERIMENT).iterdir()
+                "trainer.test_tasks=16", "trainer.progress=false", "trainer.device=cpu", f"paths.data_dir={data_dir}",
+                *extra]
+    command = [*prefix, str(BIN / "metalearn"), *settings]
+    with open(cwd / "stderr.txt", "w+") as stderr:
+        proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            stderr.seek(0)
+            sys.exit(f"{' '.join(command)} failed:\n{stderr.read()[-3000:]}")
+    (run_dir,) = (cwd / "outputs" / "runs" / experiment).iterdir()
     _, rates = read_curve(run_dir, "train/steps_per_sec")
     if len(rates) < 2:
         sys.exit(f"{run_dir}: fewer than 2 logged speed windows; raise --steps")
-    return statistics.median(rates[1:])  # the first window includes warm-up
+    return statistics.median(rates[1:]), usage.ru_maxrss / 1024
+
+
+def run(variant: str, nproc: int, steps: int, log_every: int, workdir: Path, data_dir: Path) -> float:
+    """One variant's meta-steps/s (see `trainer_speed`)."""
+    threads = {"threads": nproc, "processes": 1, "one thread": 1}[variant]
+    prefix = (str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}") if variant == "processes" else ()
+    speed, _ = trainer_speed(EXPERIMENT, steps, log_every, workdir, data_dir, prefix=prefix,
+                             env={"OMP_NUM_THREADS": str(threads)})
+    return speed
 
 
 def main() -> None:

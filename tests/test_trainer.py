@@ -183,3 +183,14 @@ def test_config_changes_lists_real_differences_only() -> None:
     saved = {"trainer": {"max_steps": 10, "resume": False}, "algorithm": {"inner_lr": 0.01}, "paths": {"x": "a"}}
     current = {"trainer": {"max_steps": 20, "resume": True}, "algorithm": {"inner_lr": 0.1}, "paths": {"x": "b"}}
     assert config_changes(saved, current) == ["algorithm.inner_lr: 0.01 -> 0.1"]
+
+
+def test_a_run_that_predates_a_setting_continues_with_what_it_did_then() -> None:
+    """A ProtoNet run saved before algorithm.train_pass existed embedded per set: it resumes with
+    per_set, not with per_task; trainer.allocator may be anything."""
+    saved = {"algorithm": {"distance": "euclidean"}, "trainer": {"max_steps": 10}}
+    current = {"algorithm": {"distance": "euclidean", "train_pass": "per_set"},
+               "trainer": {"max_steps": 10, "allocator": "retain"}}
+    assert config_changes(saved, current) == []
+    current["algorithm"]["train_pass"] = "per_task"
+    assert config_changes(saved, current) == ["algorithm.train_pass: per_set -> per_task"]
