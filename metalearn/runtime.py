@@ -84,8 +84,8 @@ def resolve_allocator(allocator: str, device: torch.device) -> str:
     1 GiB of freed memory there (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD, 1 GiB)`). By
     default glibc maps each block of 32 MiB or more (and smaller ones until its threshold adapts) with
     mmap and unmaps it when freed, so a training step that frees and reallocates its activations pays for
-    zero-filling fresh pages every step: a 60-way ProtoNet episode trained 1.8x faster, and a 5-way one
-    1.3x, when they were retained (docs/performance.md). `auto`: `retain` for runs on the CPU under
+    zero-filling fresh pages every step: retained, ProtoNet's 60-way Omniglot training ran at 2.06x the
+    meta-steps/s (scripts/bench_allocator.py, docs/performance.md). `auto`: `retain` for runs on the CPU under
     glibc, `system` otherwise (a GPU's memory has its own caching allocator). The setting lasts for the
     process; a preloaded allocator (LD_PRELOAD=libtcmalloc...) replaces glibc's malloc, and `retain` then
     changes nothing."""

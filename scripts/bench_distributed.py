@@ -56,8 +56,8 @@ def trainer_speed(experiment: str, steps: int, log_every: int, workdir: Path, da
     with open(cwd / "stderr.txt", "w+") as stderr:
         proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                                 stderr=stderr)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: the child's own resource usage, peak memory included
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         if proc.returncode != 0:
             stderr.seek(0)
             sys.exit(f"{' '.join(command)} failed:\n{stderr.read()[-3000:]}")

@@ -52,13 +52,13 @@ def embed_sets(model: nn.Module, sets: Sequence[Tensor], per_task: bool = False)
     Snell et al.'s code trains), and still nothing leaks between tasks. Otherwise (running statistics in
     eval mode, GroupNorm, none) all images go through the network in one pass, with the same result.
     """
-    if mixes_examples(model) and per_task:
+    if mixes_examples(model):
+        if not per_task:
+            return [torch.stack([at_least_float32(model(images)) for images in one_set]) for one_set in sets]
         sizes = [images.shape[1] for images in sets]
         tasks = [at_least_float32(model(torch.cat([images[t] for images in sets]))).split(sizes)
                  for t in range(sets[0].shape[0])]
         return [torch.stack(parts) for parts in zip(*tasks)]
-    if mixes_examples(model):
-        return [torch.stack([at_least_float32(model(images)) for images in one_set]) for one_set in sets]
     flat = at_least_float32(model(torch.cat([images.flatten(0, 1) for images in sets])))
     parts = flat.split([images.shape[0] * images.shape[1] for images in sets])
     return [part.view(images.shape[0], images.shape[1], *part.shape[1:]) for part, images in zip(parts, sets)]

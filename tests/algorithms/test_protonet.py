@@ -101,12 +101,17 @@ def test_fixed_scale_is_a_buffer_that_scales_euclidean_logits() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_loss(model: nn.Module, batch: TaskBatch) -> Tensor:
+def reference_loss(model: nn.Module, batch: TaskBatch, joint: bool = False) -> Tensor:
     """Mean over tasks of the query cross-entropy with logits -||f(x) - c_k||^2, c_k the mean of f over
-    class k's support points: one task, one class and one difference at a time."""
+    class k's support points: one task, one class and one difference at a time. `joint`: support and
+    query images go through f in one pass (batch statistics over both), as Snell et al.'s code trains."""
     losses = []
     for task in batch:
-        support, query = model(task.support_x), model(task.query_x)
+        if joint:
+            embedded = model(torch.cat([task.support_x, task.query_x])).flatten(1)
+            support, query = embedded[:len(task.support_y)], embedded[len(task.support_y):]
+        else:
+            support, query = model(task.support_x), model(task.query_x)
         n_way = int(task.support_y.max()) + 1
         prototypes = torch.stack([support[task.support_y == k].mean(0) for k in range(n_way)])
         logits = -((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
@@ -210,20 +215,6 @@ def test_one_pass_over_the_meta_batch_equals_one_task_at_a_time(norm: str) -> No
     assert all(torch.equal(buffers[name], b) for name, b in model.named_buffers())
 
 
-def joint_pass_loss(model: nn.Module, batch: TaskBatch) -> Tensor:
-    """The training loss of Snell et al.'s code: per task, support and query images concatenated into
-    one forward pass (batch statistics over both), prototypes and squared distances from its parts."""
-    losses = []
-    for task in batch:
-        n_support = len(task.support_y)
-        embedded = model(torch.cat([task.support_x, task.query_x])).flatten(1)
-        support, query = embedded[:n_support], embedded[n_support:]
-        n_way = int(task.support_y.max()) + 1
-        prototypes = torch.stack([support[task.support_y == k].mean(0) for k in range(n_way)])
-        losses.append(F.cross_entropy(-((query.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1), task.query_y))
-    return torch.stack(losses).mean()
-
-
 def test_per_task_training_pass_is_the_papers_joint_pass_and_evaluation_stays_per_set() -> None:
     """train_pass=per_task: a training step's loss and gradient equal the joint-pass reference (and
     differ from per_set's, whose support and query are normalised apart); evaluation with batch
@@ -237,7 +228,7 @@ def test_per_task_training_pass_is_the_papers_joint_pass_and_evaluation_stays_pe
     joint, apart = (ProtoNet(model, Classification(), train_pass=mode) for mode in ("per_task", "per_set"))
 
     grads, result = meta_grads(joint, batch)
-    loss = joint_pass_loss(model, batch)
+    loss = reference_loss(model, batch, joint=True)
     for (name, actual), reference in zip(grads.items(), torch.autograd.grad(loss, list(model.parameters()))):
         torch.testing.assert_close(actual, reference, rtol=1e-9, atol=1e-12, msg=name)
     assert result.meta_loss == pytest.approx(loss.item(), rel=1e-10)
