@@ -97,13 +97,15 @@ def test_shard_needs_equal_shares() -> None:
 
 
 LEAVE_SCRIPT = """
-import os, torch
+import json, os, sys, torch
 from metalearn import distributed
 distributed.init_process_group()
 import torch._dynamo  # as compiling does, after joining
 distributed.average_([torch.ones(2)])
 distributed.leave()
-print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+with open(os.path.join(sys.argv[1], f"threads-{os.environ['RANK']}.json"), "w") as f:  # stdout interleaves
+    json.dump(names, f)
 """
 
 
@@ -111,18 +113,19 @@ def test_leaving_the_job_stops_gloo_threads(tmp_path: Path) -> None:
     """Every process leaves the job before it exits, and leaving frees the group whatever was imported
     after joining: no Gloo thread is left for the interpreter's teardown to kill (which aborted a
     torchrun process now and then with "terminate called without an active exception")."""
+    import json
     import subprocess
     import sys
 
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_SCRIPT)
     proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
-                           str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+                           str(script), str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    threads = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert len(threads) == 2, proc.stdout
-    assert not [line for line in threads if "gloo" in line], threads
+    threads = {rank: json.loads((tmp_path / f"threads-{rank}.json").read_text()) for rank in (0, 1)}
+    assert threads[0] and threads[1], threads
+    assert not [name for names in threads.values() for name in names if "gloo" in name.lower()], threads
 
 
 def test_torchrun_two_processes_train_like_one(tmp_path: Path, cache_dir: Path) -> None:
