@@ -186,11 +186,15 @@ def test_config_changes_lists_real_differences_only() -> None:
 
 
 def test_a_run_that_predates_a_setting_continues_with_what_it_did_then() -> None:
-    """A ProtoNet run saved before algorithm.train_pass existed embedded per set: it resumes with
-    per_set, not with per_task; trainer.allocator may be anything."""
-    saved = {"algorithm": {"distance": "euclidean"}, "trainer": {"max_steps": 10}}
+    """A ProtoNet run saved before algorithm.train_pass and dataset.resample existed embedded per set
+    Lanczos-resampled drawings: it resumes with per_set and lanczos, nothing else; trainer.allocator may
+    be anything."""
+    saved = {"algorithm": {"distance": "euclidean"}, "dataset": {"split": "vinyals"}, "trainer": {"max_steps": 10}}
     current = {"algorithm": {"distance": "euclidean", "train_pass": "per_set"},
+               "dataset": {"split": "vinyals", "resample": "lanczos"},
                "trainer": {"max_steps": 10, "allocator": "retain"}}
     assert config_changes(saved, current) == []
     current["algorithm"]["train_pass"] = "per_task"
-    assert config_changes(saved, current) == ["algorithm.train_pass: per_set -> per_task"]
+    current["dataset"]["resample"] = "nearest"
+    assert config_changes(saved, current) == ["algorithm.train_pass: per_set -> per_task",
+                                              "dataset.resample: lanczos -> nearest"]

@@ -17,6 +17,10 @@ Split schemes:
 Apart from vinyals_trainval's validation characters, no character is in two splits of any scheme.
 
 Decoded images are cached as uint8 tensors in `cache_dir`, so later starts load in about a second.
+
+Resampling the 105x105 binary drawings to `image_size`: `lanczos` (the default) keeps anti-aliased gray
+edges; `nearest` keeps the drawings binary (strokes 1, background 0), as the loader of Snell et al.'s
+Prototypical Networks code makes them (Pillow resizes a 1-bit image with nearest-neighbour sampling).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ ARCHIVES = {
 SCHEMES = ("vinyals", "vinyals_trainval", "lake", "small1", "small2")
 ROTATIONS = (0, 90, 180, 270)
 CACHE_VERSION = 1
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 # The lake scheme's validation alphabets: the last five of the 30 background alphabets in sorted order,
 # named rather than computed so that a partial copy of the data cannot shift the set.
 LAKE_VAL_ALPHABETS = ("Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)", "Tagalog",
@@ -89,14 +94,16 @@ def _folder_drawings(folder: Path) -> list[tuple[str, int, int]]:
     return sorted(found)
 
 
-def _decode(png: bytes, image_size: int) -> np.ndarray:
-    """105x105 binary drawing -> image_size^2 uint8 with bright strokes on a dark background."""
+def _decode(png: bytes, image_size: int, resample: str) -> np.ndarray:
+    """105x105 binary drawing -> image_size^2 uint8 with bright strokes on a dark background, resampled
+    with `resample` (a key of RESAMPLING)."""
     with Image.open(io.BytesIO(png)) as image:
-        gray = image.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
+        gray = image.convert("L").resize((image_size, image_size), RESAMPLING[resample])
     return 255 - np.asarray(gray, dtype=np.uint8)
 
 
-def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[str, int, int]]) -> dict[str, Any]:
+def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[str, int, int]],
+                   resample: str) -> dict[str, Any]:
     """Decode every drawing of a zip, or of an extracted folder (`files`: its drawings); a damaged zip or
     drawing is a one-line ValueError that names it and says how to get a good copy."""
     log.info("Decoding Omniglot drawings from %s (once; later starts load the cache)", source)
@@ -106,7 +113,7 @@ def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[
         for path, _, _ in files:
             png = Path(path).read_bytes()  # outside the try: a missing or unreadable file is not a damaged one
             try:
-                arrays.append(_decode(png, image_size))
+                arrays.append(_decode(png, image_size, resample))
             except DAMAGED as ex:
                 raise ValueError(f"root={str(root)!r}: {path} is not a readable PNG drawing ({damage_reason(ex)}): "
                                  f"delete {source} and extract or fetch it again with {fetch}") from ex
@@ -116,7 +123,7 @@ def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[
             try:
                 with zipfile.ZipFile(f) as z:
                     for entry in sorted(n for n in z.namelist() if n.endswith(".png")):
-                        arrays.append(_decode(z.read(entry), image_size))
+                        arrays.append(_decode(z.read(entry), image_size, resample))
                         characters.append(entry.split("/", 1)[1].rsplit("/", 1)[0])
             except DAMAGED as ex:
                 raise ValueError(f"root={str(root)!r}: {source} is not a readable zip archive "
@@ -127,7 +134,8 @@ def _decode_source(root: Path, source: Path, image_size: int, files: list[tuple[
     return {"images": torch.from_numpy(np.stack(arrays)).unsqueeze(1), "characters": characters}
 
 
-def load_archive(root: Path, archive: str, image_size: int, cache_dir: Path | None) -> tuple[torch.Tensor, list[str]]:
+def load_archive(root: Path, archive: str, image_size: int, cache_dir: Path | None,
+                 resample: str = "lanczos") -> tuple[torch.Tensor, list[str]]:
     """All drawings of one archive, decoded once and cached.
 
     Args:
@@ -135,6 +143,7 @@ def load_archive(root: Path, archive: str, image_size: int, cache_dir: Path | No
         archive: background, evaluation, small1 or small2.
         image_size: side of the square images.
         cache_dir: where decoded images are cached (None: no cache).
+        resample: lanczos or nearest (see the module docstring).
 
     Returns:
         uint8 images [N, 1, S, S] and each drawing's `Alphabet/characterNN`, in archive order.
@@ -145,8 +154,10 @@ def load_archive(root: Path, archive: str, image_size: int, cache_dir: Path | No
     # by those of every drawing in it: listing the 19,280 background drawings takes about 0.1 s.
     files = _folder_drawings(source) if source.is_dir() else []
     identity = (image_size, files if source.is_dir() else file_identity([source]))
-    cache = cache_path(cache_dir, f"omniglot-{archive}-{image_size}px-v{CACHE_VERSION}", identity)
-    saved = cached(cache, lambda: _decode_source(root, source, image_size, files))
+    # lanczos keeps the name (and so the caches) it had before resampling could be chosen.
+    style = "" if resample == "lanczos" else f"-{resample}"
+    cache = cache_path(cache_dir, f"omniglot-{archive}-{image_size}px{style}-v{CACHE_VERSION}", identity)
+    saved = cached(cache, lambda: _decode_source(root, source, image_size, files, resample))
     return saved["images"], saved["characters"]
 
 
@@ -196,11 +207,11 @@ def _rotated(names: list[str], rotations: tuple[int, ...] | None) -> list[str]:
 
 
 def _scheme(root: Path, split: str, image_size: int, cache: Path | None,
-            rotations: tuple[int, ...] | None = None) -> dict[Split, ClassImages]:
+            rotations: tuple[int, ...] | None = None, resample: str = "lanczos") -> dict[Split, ClassImages]:
     """The train, val and test classes of split scheme `split` (see the module docstring), the training
     classes with `rotations` (see `_rotated`)."""
-    evaluation = load_archive(root, "evaluation", image_size, cache)
-    background = load_archive(root, "background", image_size, cache)
+    evaluation = load_archive(root, "evaluation", image_size, cache, resample)
+    background = load_archive(root, "background", image_size, cache, resample)
     if split.startswith("vinyals"):
         images = torch.cat([background[0], evaluation[0]])
         characters = background[1] + evaluation[1]
@@ -220,7 +231,7 @@ def _scheme(root: Path, split: str, image_size: int, cache: Path | None,
         train = _classes(*background, _rotated([name for name in names if _alphabet(name) not in LAKE_VAL_ALPHABETS],
                                                rotations))
     else:  # the small set trains; the background alphabets outside it validate
-        small = load_archive(root, split, image_size, cache)
+        small = load_archive(root, split, image_size, cache, resample)
         held_in = {_alphabet(name) for name in small[1]}
         val = [name for name in names if _alphabet(name) not in held_in]
         train = _classes(*small, _rotated(sorted(set(small[1])), rotations))
@@ -235,6 +246,8 @@ class Omniglot(EpisodeSampler):
         split: split scheme, one of vinyals, vinyals_trainval, lake, small1, small2.
         n_way, k_shot, k_query: episode shape at evaluation (and at training unless overridden).
         image_size: side of the square images (28 in the standard benchmark).
+        resample: how drawings are resized to image_size: lanczos (gray edges) or nearest (binary, as
+            Snell et al.'s code loads them).
         cache_dir: where decoded images are cached (None: no cache).
         train_n_way, train_k_shot, train_k_query: training episode shape, when it differs.
         within_alphabet: draw each episode's characters from a single alphabet (Lake et al.'s
@@ -255,9 +268,10 @@ class Omniglot(EpisodeSampler):
         image_size: int = 28, cache_dir: str | None = None, train_n_way: int | None = None,
         train_k_shot: int | None = None, train_k_query: int | None = None, within_alphabet: bool = False,
         download: bool = False, mirror: str | None = None, channels: int = 1,
-        augment: Augment | None = None, rotations: Sequence[int] | None = None,
+        augment: Augment | None = None, rotations: Sequence[int] | None = None, resample: str = "lanczos",
     ) -> None:
         one_of("split", split, SCHEMES)
+        one_of("resample", resample, tuple(RESAMPLING))
         if rotations is not None and (not rotations or len(set(rotations)) != len(rotations)
                                       or any(r not in ROTATIONS for r in rotations)):
             raise ValueError(f"rotations={list(rotations)!r}: must be distinct values among 0, 90, 180, 270, "
@@ -270,6 +284,7 @@ class Omniglot(EpisodeSampler):
                        if not (base / f"{ARCHIVES[a]}.zip").is_file() and not (base / ARCHIVES[a]).is_dir()]
             if missing:
                 fetch_dataset("omniglot", base, mirror=mirror, only=missing)
-        splits = _scheme(base, split, image_size, cache, None if rotations is None else tuple(map(int, rotations)))
+        splits = _scheme(base, split, image_size, cache, None if rotations is None else tuple(map(int, rotations)),
+                         resample)
         super().__init__(splits, n_way, k_shot, k_query, train_n_way, train_k_shot, train_k_query,
                          within_group=within_alphabet, channels=channels, augment=augment)

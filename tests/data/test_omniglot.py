@@ -103,6 +103,31 @@ def test_cache_is_written_once_and_reused(omniglot_root: Path, tmp_path: Path) -
     assert torch.equal(images, again) and cache.stat().st_mtime_ns == stamp
 
 
+def test_nearest_resampling_keeps_drawings_binary_and_caches_apart(omniglot_root: Path, tmp_path: Path) -> None:
+    """resample=nearest: every pixel is a stroke (255) or background (0), each the drawing's pixel at
+    the sampled position, as Snell et al.'s loader makes them; lanczos has gray edges. The two are
+    cached in separate files, so switching never loads the other's images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    nearest, characters = load_archive(omniglot_root, "small2", 28, tmp_path, "nearest")
+    lanczos, _ = load_archive(omniglot_root, "small2", 28, tmp_path)
+    assert len(list(tmp_path.glob("omniglot-small2-28px-*.pt"))) == 2
+    assert set(nearest.unique().tolist()) == {0, 255}
+    assert len(lanczos.unique()) > 100
+    with zipfile.ZipFile(omniglot_root / "images_background_small2.zip") as archive:
+        first = sorted(n for n in archive.namelist() if n.endswith(".png"))[0]
+        with Image.open(io.BytesIO(archive.read(first))) as image:
+            drawing = np.asarray(image.convert("L"))  # 105x105, strokes black
+    centres = ((np.arange(28) + 0.5) * 105 / 28).astype(int)  # nearest-neighbour sampling positions
+    expected = 255 - drawing[np.ix_(centres, centres)]
+    assert np.array_equal(nearest[0, 0].numpy(), expected) and characters[0] in first
+    with pytest.raises(ValueError, match="resample='bicubic': must be one of lanczos, nearest"):
+        Omniglot(str(omniglot_root), split="small2", image_size=6, resample="bicubic")
+
+
 def test_missing_archives_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="root=.*images_evaluation.zip.*paths.data_dir"):
         Omniglot(str(tmp_path / "nowhere"))
