@@ -26,7 +26,10 @@ The words after the colon are experiment names (shell patterns, rows in their or
 says whether the page is up to date. `--archive DIR` copies the runs' small files (config, overrides,
 results, evaluations, event files, pictures, logs; not checkpoints) to DIR/<experiment>/<run>, so a
 page can be rebuilt from a repository. A `time.log` in a run directory (the output of
-`/usr/bin/time -v metalearn ...`) adds the command's wall time and peak memory.
+`/usr/bin/time -v metalearn ...`) adds the command's wall time and peak memory. Results tables end with
+each row's status against its paper: reproduced, budget-matched against an independent implementation
+(the `curve.json` of `scripts/reference.py`, archived below the same paths) or open, with the reason
+(metalearn.reproduction).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from metalearn import reproduction
+from metalearn.reproduction import Reference, find_references
 from metalearn.stats import recorded_ci95
 
 # Overrides that name where or how a run ran, not what it computed; never report columns.
@@ -338,11 +343,26 @@ def _eval_command(result: dict[str, Any]) -> str:
     return " ".join(parts + list(result.get("overrides") or []))
 
 
-def page_table(rows: Sequence[Row], keys: Sequence[str]) -> str:
+def row_status(row: Row, references: Sequence[Reference], base: Path) -> str:
+    """Whether `row` reproduces its paper (see metalearn.reproduction); links relative to `base`."""
+    finished = [r for r in row.runs if r.results is not None]
+    if not row.values or not finished:
+        return "—"
+    run = finished[0]
+    assert run.results is not None
+    overrides = {k: v for k, v in run.overrides.items() if not (k.startswith(NOT_SETTINGS) or k in NOT_SETTINGS)}
+    return reproduction.status(row.metric, statistics.fmean(row.values), statistics.fmean(row.cis),
+                               int(run.results["step"]), row.experiment, overrides, row.paper, list(references),
+                               base, fmt=lambda v: _fmt(v, row.metric))
+
+
+def page_table(rows: Sequence[Row], keys: Sequence[str], references: Sequence[Reference] = (),
+               base: Path = Path(".")) -> str:
     """Test results for a results page: one line per row, with the command that made it, its budget, the
-    metric before adaptation, training time (results.json) and the whole command's time and memory (time.log)."""
+    metric before adaptation, training time (results.json), the whole command's time and memory (time.log)
+    and whether it reproduces its paper (`row_status`)."""
     header = ["run", "command", "meta-steps", "test result", "before adaptation", "training time",
-              "whole command, peak memory", "paper figure"]
+              "whole command, peak memory", "paper figure", "status"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for row in rows:
         cells = summarise(row)
@@ -369,7 +389,7 @@ def page_table(rows: Sequence[Row], keys: Sequence[str]) -> str:
         if not row.evaluation.startswith("test (end"):
             budget, train_time, whole = "—", "—", "—"  # an evaluation of a run listed on its own line
         line = [_row_label(row, keys), f"`{command}`", budget or "—", result, before, train_time, whole,
-                cells.get("paper", "—")]
+                cells.get("paper", "—"), row_status(row, references, base)]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |")
     return "\n".join(lines) + "\n"
 
@@ -404,12 +424,13 @@ def validation_table(rows: Sequence[Row], keys: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_table(rows: Sequence[Row], keys: Sequence[str], columns: Sequence[str]) -> str:
+def metrics_table(rows: Sequence[Row], keys: Sequence[str], columns: Sequence[str],
+                  references: Sequence[Reference] = (), base: Path = Path(".")) -> str:
     """Chosen test metrics of each configuration, one column each: `label=name|other` takes the first of
     the names the run's results.json has (different methods name the same quantity differently)."""
     labels = [c.partition("=")[0] for c in columns]
-    lines = ["| " + " | ".join(["run", "command", *labels, "paper figure"]) + " |",
-             "| " + " | ".join("---" for _ in range(len(labels) + 3)) + " |"]
+    lines = ["| " + " | ".join(["run", "command", *labels, "paper figure", "status"]) + " |",
+             "| " + " | ".join("---" for _ in range(len(labels) + 4)) + " |"]
     for row in rows:
         finished = [r.results for r in row.runs if r.results is not None]
         if not row.evaluation.startswith("test (end") or not finished:
@@ -429,7 +450,8 @@ def metrics_table(rows: Sequence[Row], keys: Sequence[str], columns: Sequence[st
                 spread = f" ± {_ci95(finished[0], finished[0]['test'], name) * factor:.{digits}f}{unit}"
             cells.append(f"{statistics.fmean(values) * factor:.{digits}f}{unit}{spread}")
         command = row.runs[0].command
-        line = [_row_label(row, keys), f"`{command}`", *cells, summarise(row).get("paper", "—")]
+        line = [_row_label(row, keys), f"`{command}`", *cells, summarise(row).get("paper", "—"),
+                row_status(row, references, base)]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |")
     return "\n".join(lines) + "\n"
 
@@ -438,8 +460,10 @@ PAGE_BLOCK = re.compile(r"(<!-- metalearn-report( [^:>]*)?: ([^>]*?) -->\n)(.*?)
                         re.DOTALL)
 
 
-def update_page(text: str, rows: Sequence[Row], keys: Sequence[str], name: str = "page") -> str:
-    """`text` with the table of every `metalearn-report` block rebuilt from `rows` (see the module doc)."""
+def update_page(text: str, rows: Sequence[Row], keys: Sequence[str], name: str = "page",
+                references: Sequence[Reference] = (), base: Path = Path(".")) -> str:
+    """`text` with the table of every `metalearn-report` block rebuilt from `rows` (see the module doc);
+    `references`: the independent runs a row's status compares with; `base`: the page's directory."""
 
     def fill(match: re.Match[str]) -> str:
         patterns = match.group(3).split()
@@ -452,11 +476,11 @@ def update_page(text: str, rows: Sequence[Row], keys: Sequence[str], name: str =
             raise ValueError(f"{name}: the block '{match.group(1).strip()}' matches no run")
         kind = (match.group(2) or "").split()
         if not kind:
-            table_text = page_table(chosen, keys)
+            table_text = page_table(chosen, keys, references, base)
         elif kind[0] == "validation":
             table_text = validation_table(chosen, keys)
         elif kind[0] == "metrics" and len(kind) > 1:
-            table_text = metrics_table(chosen, keys, kind[1:])
+            table_text = metrics_table(chosen, keys, kind[1:], references, base)
         else:
             raise ValueError(f"{name}: the block '{match.group(1).strip()}' is neither a results table, "
                              "'validation' nor 'metrics <label=metric> ...'")
@@ -578,7 +602,8 @@ def main(argv: list[str] | None = None) -> None:
             runs = find_runs(args.paths)
             keys = varied_keys(runs)
             text = args.page.read_text()
-            if update_page(text, build_rows(runs, keys), keys, str(args.page)) != text:
+            if update_page(text, build_rows(runs, keys), keys, str(args.page), find_references(args.paths),
+                           args.page.parent) != text:
                 print(f"error: {args.page} is out of date: run metalearn-report {' '.join(map(str, args.paths))} "
                       f"--page {args.page}", file=sys.stderr)
                 sys.exit(1)
@@ -587,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or args.paths[0] / "report"
         result = report(args.paths, out, curves=not args.no_curves)
         if args.page is not None:
-            args.page.write_text(update_page(args.page.read_text(), result["rows"], result["keys"], str(args.page)))
+            args.page.write_text(update_page(args.page.read_text(), result["rows"], result["keys"], str(args.page),
+                                             find_references(args.paths), args.page.parent))
     except (FileNotFoundError, ValueError) as ex:
         print(f"error: {ex}", file=sys.stderr)
         sys.exit(2)

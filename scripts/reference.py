@@ -7,11 +7,10 @@ config (hyperparameters), the training episodes (metalearn's sampler and the tra
 tasks (the trainer's fixed test set, the 600 episodes a metalearn run is scored on), so that the two
 accuracies at the same meta-step compare implementations and nothing else.
 
-    python scripts/reference.py train reptile --out docs/results/reference/reptile_omniglot_5w1s_quick \\
-        trainer.max_steps=2000
-    python scripts/reference.py train matching --out docs/results/reference/matching_omniglot_5w1s_quick
+    python scripts/reference.py train reptile --out docs/results/runs/reptile_omniglot_5w1s_quick/reference
+    python scripts/reference.py train matching --out docs/results/runs/matching_omniglot_5w1s_quick/reference
     python scripts/reference.py compare --run <metalearn run of the same settings> \\
-        --reference docs/results/reference/matching_omniglot_5w1s_quick --figure <png>
+        --reference docs/results/runs/matching_omniglot_5w1s_quick/reference
 
 Methods:
     reptile   Nichol et al. (2018), `reptile_omniglot_5w1s_quick` by default. Four 3x3 convolutions of
@@ -32,7 +31,9 @@ Methods:
 `train` writes `curve.json` in `--out`: accuracy (mean and 95% interval over tasks) on the trainer's fixed
 validation tasks every `trainer.eval_every` meta-steps, and at the last step on its test tasks too.
 `compare` puts a metalearn run of the same settings beside it: test accuracy on the same tasks at the
-same meta-step, whether the intervals overlap, and both validation curves in one figure.
+same meta-step, whether the intervals overlap, and both validation curves in one figure (`curves.png`
+beside curve.json unless `--figure` says otherwise). Archived below docs/results/runs, the reference is
+what a results row's status compares with (metalearn.reproduction).
 """
 
 from __future__ import annotations
@@ -213,12 +214,12 @@ def compare(args: argparse.Namespace) -> None:
           f"| {reference['implementation']} | {last['step']:,} | {100 * theirs:.2f}% ± {100 * theirs_ci:.2f}% |")
     print(f"intervals {'overlap: budget-matched' if overlap else 'apart'} "
           f"(difference {100 * (ours - theirs):+.2f} points)")
-    if args.figure:
-        steps, values = read_curve(run, "val/query_acc")
-        line_figure({"metalearn": ([float(s) for s in steps], [100 * v for v in values]),
-                     reference["implementation"]: ([p["step"] for p in reference["curve"]],
-                                                   [100 * p["val_acc"] for p in reference["curve"]])},
-                    "meta-step", "validation accuracy (%, the same fixed tasks)", args.figure)
+    steps, values = read_curve(run, "val/query_acc")
+    line_figure({"metalearn": ([float(s) for s in steps], [100 * v for v in values]),
+                 reference["implementation"]: ([p["step"] for p in reference["curve"]],
+                                               [100 * p["val_acc"] for p in reference["curve"]])},
+                "meta-step", "validation accuracy (%, the same fixed tasks)",
+                str(args.figure or Path(args.reference) / "curves.png"))
 
 
 def main() -> None:
@@ -232,7 +233,8 @@ def main() -> None:
     cmp = sub.add_parser("compare", help="a metalearn run against a reference curve at the same step")
     cmp.add_argument("--run", required=True, help="a metalearn run directory")
     cmp.add_argument("--reference", required=True, help="a directory holding curve.json")
-    cmp.add_argument("--figure", default=None, help="where to write the PNG of both validation curves")
+    cmp.add_argument("--figure", default=None,
+                     help="where to write the PNG of both validation curves (default: REFERENCE/curves.png)")
     args, overrides = parser.parse_known_args()  # config overrides, as on metalearn's command line
     if args.command == "compare" or any(o.startswith("-") for o in overrides):
         parser.parse_args()  # the usual error for what is not a config override

@@ -184,14 +184,15 @@ def test_results_page_from_an_archive(sweep: Path, tmp_path: Path) -> None:
 
 def test_results_page_is_up_to_date() -> None:
     """docs/results.md is what metalearn-report makes of the runs archived in docs/results/runs."""
-    from metalearn.report import build_rows, find_runs, update_page, varied_keys
+    from metalearn.report import build_rows, find_references, find_runs, update_page, varied_keys
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     runs = find_runs([docs / "results" / "runs"])
     keys = varied_keys(runs)
     text = (docs / "results.md").read_text()
     assert text.count("<!-- metalearn-report") >= 5
-    assert update_page(text, build_rows(runs, keys), keys) == text, (
+    references = find_references([docs / "results" / "runs"])
+    assert update_page(text, build_rows(runs, keys), keys, references=references, base=docs) == text, (
         "docs/results.md is out of date: metalearn-report docs/results/runs --out docs/results --page docs/results.md")
 
 
@@ -204,7 +205,7 @@ def test_metrics_block_picks_the_first_metric_a_run_has(sweep: Path, tmp_path: P
             "<!-- /metalearn-report -->\n")
     text = update_page(page, build_rows(runs, keys), keys)
     lines = text.splitlines()
-    assert lines[1] == "| run | command | after | before | gone | paper figure |"
+    assert lines[1] == "| run | command | after | before | gone | paper figure | status |"
     good = next(line for line in lines if "hidden_sizes=[8]" in line.split("|")[1])
     results = [r.results for r in runs if r.results is not None]
     after = [r["test"]["query_mse"] for r in results]
@@ -213,6 +214,7 @@ def test_metrics_block_picks_the_first_metric_a_run_has(sweep: Path, tmp_path: P
     assert cells[2] == f"{statistics.fmean(after):.4f} ± {statistics.stdev(after):.4f} (std)"
     assert cells[3] == f"{statistics.fmean(before):.4f} ± {statistics.stdev(before):.4f} (std)"
     assert cells[4] == "—" and cells[5] == "0.7700 ± 0.1100 (Li et al., 2017)"
+    assert cells[6] == f"open: {statistics.fmean(after) - 0.77:.4f} under the paper, no equal-budget reference yet"
     assert not any("hidden_sizes=[-3]" in line for line in lines)  # failed runs have no metrics
     with pytest.raises(ValueError, match="neither a results table"):
         update_page(page.replace("metrics", "curves"), build_rows(runs, keys), keys)
