@@ -114,7 +114,8 @@ RESUME_KEYS = ("ckpt_path", "name", "trainer.resume", "trainer.max_steps", "trai
 
 # Settings added after runs were recorded, with the value that does what such runs did: a run saved
 # without the key continues with that value (and no other).
-INTRODUCED = {"algorithm.train_pass": "per_set", "algorithm.inner_state": "task", "dataset.resample": "lanczos"}
+INTRODUCED = {"algorithm.train_pass": "per_set", "algorithm.inner_state": "task", "dataset.resample": "lanczos",
+              "model.norm_init": "ones"}
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from metalearn.checks import non_negative_int, one_of, positive_int
 from metalearn.models.norm import NORMS, norm_layer
 
 DOWNSAMPLES = ("maxpool", "stride")
+NORM_INITS = ("ones", "uniform")
 
 
 class Conv4(nn.Module):
@@ -36,6 +37,9 @@ class Conv4(nn.Module):
         channels_last: keep the convolution weights and activations in the channels-last (NHWC) memory
             layout, which oneDNN's CPU convolutions run faster on for wide, pooled layers (ProtoNet's
             Conv-4: docs/performance.md). The values computed are the same up to rounding.
+        norm_init: the normalisation layers' initial scales: ones (PyTorch's default since 1.0), or
+            uniform on [0, 1), PyTorch's BatchNorm default before 1.0 (2018), which the published code of
+            Prototypical and Relation Networks ran with.
 
     Attributes:
         feature_shape: the shape of one image's features (before the head).
@@ -45,10 +49,11 @@ class Conv4(nn.Module):
     def __init__(
         self, in_channels: int, out_features: int | None, image_size: int, hidden: int = 64, blocks: int = 4,
         norm: str = "batch", downsample: str = "maxpool", norm_steps: int = 1, pool_blocks: int | None = None,
-        flatten: bool = True, channels_last: bool = False,
+        flatten: bool = True, channels_last: bool = False, norm_init: str = "ones",
     ) -> None:
         super().__init__()
         one_of("norm", norm, NORMS)
+        one_of("norm_init", norm_init, NORM_INITS)
         one_of("downsample", downsample, DOWNSAMPLES)
         positive_int("image_size", image_size)
         positive_int("blocks", blocks)
@@ -77,6 +82,11 @@ class Conv4(nn.Module):
         self.features.train()
         self.head = (nn.Linear(self.embedding_size, positive_int("out_features", out_features))
                      if out_features is not None else nn.Identity())
+        if norm_init == "uniform":
+            for module in self.features.modules():
+                scale = getattr(module, "weight", None)
+                if isinstance(scale, nn.Parameter) and not isinstance(module, nn.Conv2d):
+                    nn.init.uniform_(scale)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented, not in the stubs

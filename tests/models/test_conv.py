@@ -134,3 +134,28 @@ def test_channels_last_computes_the_same_values_and_gradients() -> None:
     for (name, p), q in zip(plain.named_parameters(), nhwc.parameters()):
         assert q.grad is not None and p.grad is not None
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("norm", ["batch", "batch_running", "batch_per_step", "group"])
+def test_norm_scales_start_at_one_or_uniform_as_old_pytorch(norm: str) -> None:
+    """norm_init=uniform draws every normalisation scale from U[0, 1) (PyTorch's BatchNorm before 1.0) and
+    leaves the shifts at zero and the convolutions as the default draws them; ones is the default."""
+    torch.manual_seed(0)
+    default = Conv4(1, 5, 28, norm=norm, norm_steps=2)
+    torch.manual_seed(0)
+    uniform = Conv4(1, 5, 28, norm=norm, norm_steps=2, norm_init="uniform")
+    norms = [m for m in uniform.features if not isinstance(m, (torch.nn.Conv2d, torch.nn.ReLU, torch.nn.MaxPool2d,
+                                                                torch.nn.Flatten))]
+    assert len(norms) == 4
+    scales = torch.cat([m.weight.detach().flatten() for m in norms])
+    assert scales.min() >= 0 and scales.max() < 1 and scales.std() > 0.2  # U[0, 1): std 0.29
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in default.named_parameters()
+               if n.endswith("weight") and p.dim() < 4 and not n.startswith("head"))
+    convs = [(n, p) for n, p in default.named_parameters() if p.dim() == 4]
+    assert all(torch.equal(p, dict(uniform.named_parameters())[n]) for n, p in convs)
+
+
+def test_an_unknown_norm_init_is_named() -> None:
+    with pytest.raises(ValueError, match="norm_init='zeros': must be one of ones, uniform"):
+        Conv4(1, 5, 28, norm_init="zeros")
