@@ -351,7 +351,8 @@ def row_status(row: Row, references: Sequence[Reference], base: Path) -> str:
     run = finished[0]
     assert run.results is not None
     overrides = {k: v for k, v in run.overrides.items() if not (k.startswith(NOT_SETTINGS) or k in NOT_SETTINGS)}
-    return reproduction.status(row.metric, statistics.fmean(row.values), statistics.fmean(row.cis),
+    return reproduction.status(row.metric, bool(run.results.get("higher_is_better", True)),
+                               statistics.fmean(row.values), statistics.fmean(row.cis),
                                int(run.results["step"]), row.experiment, overrides, row.paper, list(references),
                                base, fmt=lambda v: _fmt(v, row.metric))
 

@@ -52,6 +52,7 @@ from time_to_accuracy import compose_experiment, line_figure
 from torch import Tensor, nn
 
 from metalearn.metrics import mean_ci95
+from metalearn.reproduction import overlap
 from metalearn.tasks import TaskBatch, fixed_batches
 
 
@@ -206,13 +207,13 @@ def compare(args: argparse.Namespace) -> None:
     last = reference["curve"][-1]
     ours, ours_ci = results["test"]["query_acc"], results["test"]["query_acc_ci95"]
     theirs, theirs_ci = last["test_acc"], last["test_ci95"]
-    overlap = abs(ours - theirs) <= ours_ci + theirs_ci
+    overlaps = overlap(ours, ours_ci, theirs, theirs_ci)
     tasks = int(results["test"]["tasks"])
     print(f"| implementation | meta-steps | test accuracy ({tasks} tasks) |\n| --- | --- | --- |\n"
           f"| metalearn ({run}) | {results['step']:,} (best {results['best_step']:,}) | "
           f"{100 * ours:.2f}% ± {100 * ours_ci:.2f}% |\n"
           f"| {reference['implementation']} | {last['step']:,} | {100 * theirs:.2f}% ± {100 * theirs_ci:.2f}% |")
-    print(f"intervals {'overlap: budget-matched' if overlap else 'apart'} "
+    print(f"intervals {'overlap: budget-matched' if overlaps else 'apart'} "
           f"(difference {100 * (ours - theirs):+.2f} points)")
     steps, values = read_curve(run, "val/query_acc")
     line_figure({"metalearn": ([float(s) for s in steps], [100 * v for v in values]),

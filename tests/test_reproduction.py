@@ -28,21 +28,21 @@ def _reference(root: Path, step: int, mean: float, ci: float, overrides: list[st
 def test_within_two_points_of_the_paper_is_reproduced_and_further_is_open(tmp_path: Path) -> None:
     row = {"step": 100, "experiment": "reptile_x", "overrides": {}, "references": [], "base": tmp_path,
            "fmt": _percent}
-    assert status("query_acc", 0.9301, 0.01, paper=PAPER, **row) == "reproduced"
-    assert status("query_acc", 0.97, 0.01, paper=PAPER, **row) == "reproduced"
-    assert status("query_acc", 0.9299, 0.01, paper=PAPER, **row) == (
+    assert status("query_acc", True, 0.9301, 0.01, paper=PAPER, **row) == "reproduced"
+    assert status("query_acc", True, 0.97, 0.01, paper=PAPER, **row) == "reproduced"
+    assert status("query_acc", True, 0.9299, 0.01, paper=PAPER, **row) == (
         "open: 2.01 points under the paper, no equal-budget reference yet")
-    assert status("query_acc", 0.5, 0.01, paper=None, **row) == "— (no paper figure for this setting)"
+    assert status("query_acc", True, 0.5, 0.01, paper=None, **row) == "— (no paper figure for this setting)"
 
 
-def test_errors_and_returns_compare_by_interval_in_their_own_direction(tmp_path: Path) -> None:
+def test_errors_and_returns_compare_by_interval_in_the_direction_the_run_recorded(tmp_path: Path) -> None:
     row = {"step": 100, "experiment": "e", "overrides": {}, "references": [], "base": tmp_path}
     mse = {"value": 0.5, "ci95": 0.1}
-    assert status("query_mse", 0.3, 0.05, paper=mse, **row) == "reproduced"  # lower is better
-    assert status("query_mse", 0.65, 0.05, paper=mse, **row) == "reproduced"  # 0.60 <= 0.60: overlapping
-    assert status("query_mse", 0.7, 0.05, paper=mse, **row).startswith("open: 0.2 under the paper")
-    assert status("query_return", -4.0, 0.5, paper={"value": -3.2}, **row).startswith("open: 0.8 under")
-    assert status("query_return", -3.6, 0.5, paper={"value": -3.2}, **row) == "reproduced"
+    assert status("query_mse", False, 0.3, 0.05, paper=mse, **row) == "reproduced"  # lower is better
+    assert status("query_mse", False, 0.65, 0.05, paper=mse, **row) == "reproduced"  # 0.60 <= 0.60: overlapping
+    assert status("query_mse", False, 0.7, 0.05, paper=mse, **row).startswith("open: 0.2 under the paper")
+    assert status("query_return", True, -4.0, 0.5, paper={"value": -3.2}, **row).startswith("open: 0.8 under")
+    assert status("query_return", True, -3.6, 0.5, paper={"value": -3.2}, **row) == "reproduced"
 
 
 def test_a_reference_at_the_same_budget_matches_or_reveals_a_gap(tmp_path: Path) -> None:
@@ -60,11 +60,11 @@ def test_a_reference_at_the_same_budget_matches_or_reveals_a_gap(tmp_path: Path)
     assert sorted(r.step for r in references) == [1000, 2000]
     row = {"step": 2000, "experiment": "reptile_x", "overrides": {"trainer.max_steps": "2000"},
            "references": references, "base": tmp_path / "docs", "fmt": _percent, "paper": PAPER}
-    assert status("query_acc", 0.785, 0.01, **row) == (
+    assert status("query_acc", True, 0.785, 0.01, **row) == (
         "budget-matched (scripts/reference.py reptile: 80.00% ± 1.00% at 2,000 steps) "
         "([curves](../runs/reptile_x/reference/curves.png))")
-    assert status("query_acc", 0.70, 0.01, **row) == (
+    assert status("query_acc", True, 0.70, 0.01, **row) == (
         "open: an independent implementation tests higher at the same budget "
         "(scripts/reference.py reptile: 80.00% ± 1.00% at 2,000 steps)")
-    assert status("query_acc", 0.70, 0.01, **{**row, "step": 3000}).startswith("open: 25.00 points under")
-    assert status("query_acc", 0.70, 0.01, **{**row, "overrides": {}}).startswith("open: 25.00 points under")
+    assert status("query_acc", True, 0.70, 0.01, **{**row, "step": 3000}).startswith("open: 25.00 points under")
+    assert status("query_acc", True, 0.70, 0.01, **{**row, "overrides": {}}).startswith("open: 25.00 points under")
