@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from metalearn.metrics import flatten_hparams
 
 FORMAT_VERSION = 1
 
@@ -130,3 +129,17 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def _may_change(key: str) -> bool:
     return any(key == k or key.startswith(k if k.endswith(".") else f"{k}.") for k in RESUME_KEYS)
+
+
+def flatten_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Flatten a nested config into `a.b.c -> scalar` for the HParams tab (lists become strings)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

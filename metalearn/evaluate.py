@@ -27,12 +27,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights, run_dir_of
 from metalearn.checks import one_of, positive_int
+from metalearn.compose import ConfigError, OutputSizeError, build_learner
 from metalearn.metrics import eval_metrics, query_metric
 from metalearn.rundir import write_new
 from metalearn.runtime import resolve_device, resolve_precision
 from metalearn.stats import INTERVAL
-from metalearn.tasks import Split, TrainingBatches
-from metalearn.train import ConfigError, OutputSizeError, build_learner
+from metalearn.tasks import Split
 from metalearn.trainer import evaluate_tasks
 
 USAGE = """\
@@ -153,8 +153,6 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         load_weights(algorithm, state["algorithm"], path)
     except CheckpointError as ex:
         raise EvalError(f"{changed}: {ex}") from ex
-    if isinstance(tasks, TrainingBatches):  # evaluation is episodic on every split
-        tasks = tasks.tasks
     device = resolve_device(cfg.trainer.device)
     algorithm.to(device)
     split: Split = request.split  # type: ignore[assignment]

@@ -13,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from metalearn.algorithms.base import StepResult, TaskScores
+from metalearn.checkpoint import flatten_hparams
 from metalearn.stats import t_quantile
 
 
@@ -70,20 +71,6 @@ def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def speed_metrics(steps_per_sec: float, grad_norm: float) -> dict[str, float]:
     """Throughput and gradient norm of the meta-update."""
     return {tag("train", "steps_per_sec"): steps_per_sec, tag("train", "grad_norm"): grad_norm}
-
-
-def flatten_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Flatten a nested config into `a.b.c -> scalar` for the HParams tab (lists become strings)."""
-    flat: dict[str, bool | int | float | str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_hparams(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 class TensorBoardLogger:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from matplotlib.figure import Figure
@@ -29,6 +29,9 @@ class Task:
 @dataclass(frozen=True)
 class TaskBatch:
     """A meta-batch of tasks: the fields of `Task` with a leading task dimension."""
+
+    # What a task is, for messages that pair learners with task families.
+    kind: ClassVar[str] = "examples (episodes of a dataset)"
 
     support_x: Tensor
     support_y: Tensor
@@ -93,13 +96,47 @@ class LabeledBatch:
 
 @runtime_checkable
 class TaskSampler(Protocol):
-    """A task distribution: draws meta-batches of tasks for a split from an explicit generator."""
+    """A task distribution: draws meta-batches of tasks for a split from an explicit generator.
+
+    A family whose tasks are not episodes of examples says what it draws with a class attribute
+    `batch_type` (environments: metalearn.rl.tasks.EnvTaskBatch; optimizee problems:
+    metalearn.l2o.problems.ProblemBatch); `batch_type_of` reads it, `TaskBatch` when it is absent.
+    """
 
     objective: Objective
 
     def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch:
         """Draw `batch_size` tasks of `split`, using only `generator` for randomness."""
         ...
+
+
+def batch_type_of(tasks: object) -> type:
+    """The type of the batches a task family (an instance or its class) draws: its `batch_type`, else `TaskBatch`."""
+    batch_type = getattr(tasks, "batch_type", TaskBatch)
+    return batch_type if isinstance(batch_type, type) else TaskBatch
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th member of a set seeded by `seed` (a fixed task, a task's rollout): the
+    members' streams are independent of each other and of how the set is later split up."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
+def probe(model: torch.nn.Module, tasks: TaskSampler) -> Tensor:
+    """The model's outputs [n, ...] for the support images of one validation episode (the same one every
+    time), computed in evaluation mode without gradients, every module's mode restored afterwards (so
+    BatchNorm's running statistics are untouched). Used to check a model against the data and to size the
+    meta-parameters that depend on its outputs."""
+    episode = tasks.sample(1, "val", torch.Generator().manual_seed(0))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out: Tensor = model(episode.support_x[0])
+            return out
+    finally:
+        for module, training in modes.items():
+            module.train(training)
 
 
 @runtime_checkable
@@ -121,7 +158,7 @@ def fixed_tasks(sampler: TaskSampler, split: Split, n_tasks: int, seed: int) -> 
     """
     generator = torch.Generator()
     for i in range(n_tasks):
-        generator.manual_seed(seed * 1_000_003 + i)
+        generator.manual_seed(derived_seed(seed, i))
         yield sampler.sample(1, split, generator)[0]
 
 
@@ -138,33 +175,18 @@ def fixed_batches(
     generator = torch.Generator()
     chunk: list[TaskBatch] = []
     for i in range(n_tasks):
-        generator.manual_seed(seed * 1_000_003 + i)
+        generator.manual_seed(derived_seed(seed, i))
         chunk.append(sampler.sample(1, split, generator))
         if len(chunk) == batch_size or i == n_tasks - 1:
             yield type(chunk[0]).cat(chunk)
             chunk = []
 
 
-class TrainingBatches:
-    """A task distribution whose training split yields the batches an algorithm trains on.
-
-    `sample(n, "train", g)` draws `n` pairs (`sample_pairs`) or `n` labelled examples
-    (`sample_labeled`) of the underlying distribution; every other split, and every other attribute,
-    is the distribution's own, so validation and test stay episodic. The trainer sees an ordinary
-    task sampler and needs no knowledge of the batch kind.
-    """
-
-    def __init__(self, tasks: TaskSampler, kind: str) -> None:
-        method = {"pairs": "sample_pairs", "labeled": "sample_labeled"}[kind]
-        if not callable(getattr(tasks, method, None)):
-            raise ValueError(f"trains on {kind} of examples of the training classes, which this task family "
-                             f"({type(tasks).__name__}) cannot draw: it needs a dataset of classes (an image dataset)")
-        self.tasks, self.kind, self._draw = tasks, kind, getattr(tasks, method)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.tasks, name)
-
-    def sample(self, batch_size: int, split: Split, generator: torch.Generator) -> TaskBatch | PairBatch | LabeledBatch:
-        if split == "train":
-            return self._draw(batch_size, split, generator)  # type: ignore[no-any-return]
-        return self.tasks.sample(batch_size, split, generator)
+def drawer(tasks: TaskSampler, method: str, what: str) -> Callable[..., Any]:
+    """The task family's method `method` (e.g. `sample_pairs`) that draws a learner's training batches of
+    `what` (pairs, labelled examples), or a ValueError saying that this family cannot draw them."""
+    draw = getattr(tasks, method, None)
+    if not callable(draw):
+        raise ValueError(f"trains on {what} of examples of the training classes, which this task family "
+                         f"({type(tasks).__name__}) cannot draw: it needs a dataset of classes (an image dataset)")
+    return draw  # type: ignore[no-any-return]

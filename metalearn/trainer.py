@@ -8,14 +8,14 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metalearn import distributed
-from metalearn.algorithms.base import MetaAlgorithm, TaskScores
+from metalearn.algorithms.base import GradientLearner, MetaLearner, SelfUpdating, TaskScores
 from metalearn.checkpoint import (
     RESUME_KEYS,
     CheckpointError,
@@ -46,7 +46,7 @@ class NonFiniteLossError(RuntimeError):
     """The meta-loss or meta-gradient became NaN or infinite."""
 
 
-def evaluate_tasks(algorithm: MetaAlgorithm, tasks: TaskSampler, split: Split, n_tasks: int, seed: int,
+def evaluate_tasks(algorithm: MetaLearner[Any], tasks: TaskSampler, split: Split, n_tasks: int, seed: int,
                    batch_size: int, device: torch.device, precision: torch.dtype = torch.float32) -> TaskScores:
     """Per-task scores of `algorithm` on the fixed task set (`split`, `n_tasks`, `seed`), in eval mode,
     computed in `precision` (see `runtime.resolve_precision`)."""
@@ -96,7 +96,7 @@ class Trainer:
     """
 
     def __init__(
-        self, algorithm: MetaAlgorithm, tasks: TaskSampler, optimizer: torch.optim.Optimizer,
+        self, algorithm: MetaLearner[Any], tasks: TaskSampler, optimizer: torch.optim.Optimizer,
         logger: LoggerFactory, output_dir: Path, *, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         max_steps: int = 10_000, meta_batch_size: int = 25, eval_every: int = 1000, log_every: int = 50,
         checkpoint_every: int = 1000, val_tasks: int = 100, test_tasks: int = 600, val_seed: int = 1,
@@ -114,14 +114,19 @@ class Trainer:
         if meta_batch_size % self.world:
             raise ValueError(f"meta_batch_size={meta_batch_size}: must be divisible by the number of processes "
                              f"({self.world})")
-        if algorithm.steps_itself and self.world > 1:
+        if isinstance(algorithm, SelfUpdating) and self.world > 1:
             raise ValueError(f"{type(algorithm).__name__} updates its meta-parameters itself; it cannot be split "
                              "across processes")
+        if isinstance(algorithm, SelfUpdating) and grad_clip is not None:
+            raise ValueError(f"grad_clip={grad_clip}: {type(algorithm).__name__} updates its meta-parameters "
+                             "itself, without clipping; set it to null")
+        if not isinstance(algorithm, (GradientLearner, SelfUpdating)):
+            raise TypeError(f"{type(algorithm).__name__} is neither a GradientLearner nor SelfUpdating "
+                            "(metalearn.algorithms.base)")
         self.algorithm = algorithm.to(self.device)
         self.precision = resolve_precision(precision, self.device, algorithm.model)
         self.compiled = algorithm.use_compile(compile, self.device)
         self.allocator = resolve_allocator(allocator, self.device)
-        self.algorithm.bind_optimizer(optimizer)
         self.tasks, self.optimizer, self.scheduler, self.make_logger = tasks, optimizer, scheduler, logger
         self.output_dir, self.ckpt_dir = output_dir, output_dir / "checkpoints"
         self.max_steps, self.meta_batch_size, self.grad_clip = max_steps, meta_batch_size, grad_clip
@@ -183,33 +188,36 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------------
     def _train_step(self) -> tuple[dict[str, float], float]:
-        batch = self.tasks.sample(self.meta_batch_size, "train", self.generator)
+        batch = self.algorithm.draw(self.tasks, self.meta_batch_size, self.generator)
         if self.world > 1:  # every rank drew the same meta-batch; each takes its share
             batch = distributed.shard(batch, self.rank, self.world)
         batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.algorithm.set_progress(self.step, self.max_steps)
         self.algorithm.measure_pre_adaptation = (self.step + 1) % self.log_every == 0  # only logged steps
+        updated = isinstance(self.algorithm, SelfUpdating)
         with autocast(self.device, self.precision):
-            result = self.algorithm.meta_train_step(batch)
+            if isinstance(self.algorithm, SelfUpdating):  # it updates itself (a TRPO step, several optimizer steps)
+                result, norm = self.algorithm.update(batch, self.optimizer)
+            else:
+                result = cast(GradientLearner[Any], self.algorithm).meta_train_step(batch)
         scalars = step_metrics(result, self.tasks.objective.metric)
         if self.world > 1:
             distributed.average_gradients(self.algorithm)
             scalars = distributed.mean_of(scalars)
         meta_loss = scalars[tag("train", "meta_loss")]
-        if self.algorithm.steps_itself:  # already updated (a TRPO step, several optimizer steps)
-            norm = self.algorithm.update_norm
-        else:
+        if not updated:
             params: Iterable[torch.Tensor] = [p for p in self.algorithm.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf).item()
         if not (math.isfinite(meta_loss) and math.isfinite(norm)):
             last = self.ckpt_dir / "last.pt"
             kept = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint written yet"
+            when = "after the learner updated its weights" if updated else "before updating the weights"
             raise NonFiniteLossError(
                 f"step {self.step + 1}: meta-loss {meta_loss} and meta-gradient norm {norm} are not both "
-                f"finite; stopped before updating the weights ({kept}). "
+                f"finite; stopped {when} ({kept}). "
                 "Lower optimizer.lr or algorithm.inner_lr, or set trainer.grad_clip.")
-        if not self.algorithm.steps_itself:
+        if not updated:
             self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()

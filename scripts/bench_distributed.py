@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from metalearn.report import read_curve
+from metalearn.report.curves import read_curve
 
 EXPERIMENT = "maml_omniglot_5w1s_quick"
 BIN = Path(sys.executable).parent

@@ -200,7 +200,7 @@ def train(args: argparse.Namespace) -> None:
 def compare(args: argparse.Namespace) -> None:
     """metalearn's run against the reference at the same meta-step: test accuracy on the same 600 tasks,
     intervals, and both validation curves (the same fixed validation tasks) in one figure."""
-    from metalearn.report import read_curve
+    from metalearn.report.curves import read_curve
 
     run, reference = Path(args.run), json.loads((Path(args.reference) / "curve.json").read_text())
     results = json.loads((run / "results.json").read_text())

@@ -41,10 +41,10 @@ from bench_peers import INSTALL, import_learn2learn
 from hydra.utils import instantiate
 from torch import Tensor
 
+from metalearn.compose import CONFIG_DIR, build_learner
 from metalearn.metrics import mean_ci95
 from metalearn.objectives import Classification
 from metalearn.tasks import TaskBatch, fixed_batches
-from metalearn.train import CONFIG_DIR, build_learner
 
 VAL_TAG = "val/query_acc"
 

@@ -11,9 +11,12 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from metalearn.algorithms.base import MetaAlgorithm
+from metalearn.algorithms.base import GradientLearner, MetaLearner, SelfUpdating
+from metalearn.algorithms.policy import PolicyLearner
+from metalearn.compose import build_algorithm, check_task_kind
 from metalearn.objectives import Regression
-from metalearn.train import build_algorithm, check_task_kind, train
+from metalearn.run import train
+from metalearn.tasks import batch_type_of
 from tests.conftest import CONF_DIR, Composer
 
 
@@ -68,28 +71,29 @@ def test_algorithm_dataset_step(algorithm: str, dataset: str, compose_cfg: Compo
         check_task_kind(cfg.algorithm, tasks)
     except ValueError as ex:  # a different kind of task: refused before the model is built
         assert " learns from " in str(ex) and ", but the dataset " in str(ex)
-        assert getattr(tasks, "task_kind", "examples") != getattr(get_class(cfg.algorithm._target_), "task_kind",
-                                                                  "examples")
+        assert batch_type_of(tasks) is not get_class(cfg.algorithm._target_).learns_from
         return
     model = instantiate(cfg.model)
     try:
-        algorithm_obj, tasks = build_algorithm(cfg.algorithm, model, tasks)
+        algorithm_obj = build_algorithm(cfg.algorithm, model, tasks)
     except ValueError as ex:
         if not isinstance(tasks.objective, Regression) or "needs a classification dataset" not in str(ex):
             raise
         return
-    assert isinstance(algorithm_obj, MetaAlgorithm)
-    algorithm_obj.bind_optimizer(torch.optim.Adam(algorithm_obj.parameters()))  # as the trainer does
-    result = algorithm_obj.meta_train_step(tasks.sample(2, "train", torch.Generator().manual_seed(0)))
-    if algorithm_obj.steps_itself:  # a TRPO step: the parameters moved, no gradients left behind
-        assert math.isfinite(algorithm_obj.update_norm) and math.isfinite(result.meta_loss)
+    assert isinstance(algorithm_obj, MetaLearner)
+    batch = algorithm_obj.draw(tasks, 2, torch.Generator().manual_seed(0))  # as the trainer does
+    if isinstance(algorithm_obj, SelfUpdating):  # a TRPO step: the parameters moved, no gradients left behind
+        result, norm = algorithm_obj.update(batch, torch.optim.Adam(algorithm_obj.parameters()))
+        assert math.isfinite(norm) and math.isfinite(result.meta_loss)
         return
+    assert isinstance(algorithm_obj, GradientLearner)
+    result = algorithm_obj.meta_train_step(batch)
     grads = [p.grad for p in algorithm_obj.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     # >= 0, not > 0: an untrained 640-d ResNet-12 embedding separates the generated classes so far that
     # ProtoNet's float32 cross-entropy is exactly 0.
     assert math.isfinite(result.meta_loss)
-    if not algorithm_obj.reinforcement:  # a supervised loss; RL's meta-loss is −return, any sign
+    if not isinstance(algorithm_obj, PolicyLearner):  # a supervised loss; RL's meta-loss is −return, any sign
         assert result.meta_loss >= 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metalearn.evaluate import EvalError, evaluate, parse_args
-from metalearn.train import train
+from metalearn.run import train
 from tests.conftest import Composer
 from tests.test_cli import cli_env
 

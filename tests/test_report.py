@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from metalearn.evaluate import evaluate, parse_args
-from metalearn.report import read_curve, report
+from metalearn.report import report
+from metalearn.report.curves import read_curve
 from tests.test_cli import cli_env, only_run_dir, run_cli
 
 METALEARN_REPORT = str(Path(sys.executable).with_name("metalearn-report"))
@@ -184,7 +185,9 @@ def test_results_page_from_an_archive(sweep: Path, tmp_path: Path) -> None:
 
 def test_results_page_is_up_to_date() -> None:
     """docs/results.md is what metalearn-report makes of the runs archived in docs/results/runs."""
-    from metalearn.report import build_rows, find_references, find_runs, update_page, varied_keys
+    from metalearn.report.page import update_page
+    from metalearn.report.runs import build_rows, find_runs, varied_keys
+    from metalearn.reproduction import find_references
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     runs = find_runs([docs / "results" / "runs"])
@@ -197,7 +200,8 @@ def test_results_page_is_up_to_date() -> None:
 
 
 def test_metrics_block_picks_the_first_metric_a_run_has(sweep: Path, tmp_path: Path) -> None:
-    from metalearn.report import build_rows, find_runs, update_page, varied_keys
+    from metalearn.report.page import update_page
+    from metalearn.report.runs import build_rows, find_runs, varied_keys
 
     runs = find_runs([sweep])
     keys = varied_keys(runs)

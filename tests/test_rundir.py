@@ -14,8 +14,10 @@ import torch
 
 from metalearn import checkpoint
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metalearn.compose import ConfigError
+from metalearn.resolvers import _run_dir, _sweep_dir
+from metalearn.run import train
 from metalearn.rundir import RunDirError, RunLock, create_fresh, write_new
-from metalearn.train import ConfigError, _run_dir, _sweep_dir, train
 from tests.conftest import Composer
 
 

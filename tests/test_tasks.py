@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from metalearn.checkpoint import flatten_hparams
 from metalearn.data.sinusoid import SinusoidTasks
-from metalearn.metrics import flatten_hparams, mean_ci95
+from metalearn.metrics import mean_ci95
 from metalearn.stats import INTERVAL, recorded_ci95
 from metalearn.tasks import TaskBatch, fixed_batches, fixed_tasks
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaAlgorithm
+from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional import Params, buffers_of, forward_with, params_of
 from metalearn.algorithms.maml import MAML
 from metalearn.models.norm import set_adaptation_step
@@ -119,7 +119,7 @@ class ANIL(MAML):
     def use_compile(self, compile: bool | str, device: torch.device) -> bool:
         """No compiled path: ANIL's per-task work is a small head's inner loop on features computed once
         per task, and its `_task_outcome` replaces the one MAML compiles."""
-        return MetaAlgorithm.use_compile(self, compile, device)
+        return MetaLearner.use_compile(self, compile, device)
 
     def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
         """The model's parameters with the head's replaced by their adapted values (usable with

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import StepResult
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, probe_features
+from metalearn.algorithms.metric import MetricLearner
 from metalearn.checks import non_negative_float, non_negative_int, one_of, positive_float, positive_int
 from metalearn.objectives import Objective
-from metalearn.tasks import LabeledBatch, TaskBatch, TaskSampler
+from metalearn.tasks import LabeledBatch, TaskSampler, drawer, probe
 
 HEADS = ("linear", "cosine")
 
@@ -41,7 +41,7 @@ def head_logits(kind: str, features: Tensor, weight: Tensor, bias: Tensor | None
     return features @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
 
 
-class Baseline(MetricLearner):
+class Baseline(MetricLearner[LabeledBatch]):
     """Baseline (linear head) and Baseline++ (cosine head); the model is the embedding network.
 
     Args:
@@ -68,7 +68,6 @@ class Baseline(MetricLearner):
     reaches the embedding through it, also with `adapt(create_graph=True)`.
     """
 
-    train_batches = "labeled"
     needs_classes_because: ClassVar[str] = "it pre-trains a classifier over the training classes"
     head: nn.Linear | None
 
@@ -95,12 +94,14 @@ class Baseline(MetricLearner):
         return 2.0 if classes <= 200 else 10.0
 
     def setup(self, tasks: TaskSampler) -> None:
-        """Create the pre-training head over `tasks.num_classes("train")` classes (once)."""
+        """Check that the task family draws labelled minibatches; create the pre-training head over
+        `tasks.num_classes("train")` classes (once)."""
         num_classes = getattr(tasks, "num_classes", None)
         if not callable(num_classes):
             raise ValueError(f"{type(self).__name__} pre-trains on labelled examples of all training classes, "
                              f"which this task family ({type(tasks).__name__}) cannot count")
-        out = probe_features(self.model, tasks)
+        drawer(tasks, "sample_labeled", "labelled minibatches")
+        out = probe(self.model, tasks)
         classes, size = int(num_classes("train")), out[0].numel()
         if self.head is None:
             self.head = nn.Linear(size, classes, bias=self.head_kind == "linear", device=out.device, dtype=out.dtype)
@@ -112,15 +113,20 @@ class Baseline(MetricLearner):
         """Logits [B, classes] of images [B, ...] under the pre-training head."""
         if self.head is None:
             raise RuntimeError(f"{type(self).__name__} has no pre-training head: call setup(tasks) first "
-                               "(metalearn.train does), which sizes it from tasks.num_classes('train')")
+                               "(metalearn.compose does), which sizes it from tasks.num_classes('train')")
         return head_logits(self.head_kind, self.model(x).flatten(1), self.head.weight, self.head.bias,
                            self.scale_for(self.head.out_features))
 
-    def meta_train_step(self, batch: TaskBatch | LabeledBatch) -> StepResult:
+    def draw(self, tasks: TaskSampler, batch_size: int, generator: torch.Generator) -> LabeledBatch:
+        """`batch_size` labelled training images, from all training classes."""
+        batch: LabeledBatch = drawer(tasks, "sample_labeled", "labelled minibatches")(batch_size, "train", generator)
+        return batch
+
+    def meta_train_step(self, batch: LabeledBatch) -> StepResult:
         """Cross-entropy of the pre-training head on a `LabeledBatch`; fills `.grad`."""
         if not isinstance(batch, LabeledBatch):
             raise TypeError(f"{type(self).__name__} trains on labelled minibatches of all training classes "
-                            f"(train_batches='labeled'), not on {type(batch).__name__}")
+                            f"(see draw), not on {type(batch).__name__}")
         logits = self.pretraining_logits(batch.x)
         loss = self.objective.loss(logits, batch.y)
         loss.backward()

@@ -19,20 +19,19 @@ longer-horizon check).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
-from metalearn.algorithms.functional import Params
+from metalearn.algorithms.base import SelfUpdating, StepResult, TaskScores
 from metalearn.checks import positive_int
 from metalearn.l2o.optimizer import UpdateRule
-from metalearn.l2o.problems import ProblemFamily
+from metalearn.l2o.problems import ProblemBatch, ProblemFamily
 from metalearn.l2o.unroll import SGD, Adam, Momentum, RMSprop, meta_train_truncated, tune_learning_rate, unroll
 from metalearn.objectives import Objective
-from metalearn.tasks import Task, TaskSampler
+from metalearn.tasks import TaskSampler
 
 BASELINES: dict[str, Callable[[float], UpdateRule]] = {"SGD": SGD, "Momentum": Momentum, "RMSprop": RMSprop,
                                                        "Adam": Adam}
@@ -41,7 +40,7 @@ TUNING_LRS = tuple(10 ** (k / 2) for k in range(-8, 3))
 TUNING_SEED = 7  # the tuning problems' seed: their own draw, never the validation or test problems'
 
 
-class LearnedOptimizer(MetaAlgorithm):
+class LearnedOptimizer(SelfUpdating[ProblemBatch]):
     """Meta-trains a learned optimizer on a distribution of optimizee problems.
 
     Args:
@@ -54,9 +53,8 @@ class LearnedOptimizer(MetaAlgorithm):
         picture_problems: held-out problems the picture's mean loss curves average over.
     """
 
-    task_kind = "optimizees"
+    learns_from: ClassVar[type] = ProblemBatch
     model_predicts_targets = False
-    steps_itself = True
 
     def __init__(self, model: nn.Module, objective: Objective, horizon: int = 100, unroll_length: int = 20,
                  eval_horizon: int | None = None, tuning_problems: int = 100, picture_problems: int = 100) -> None:
@@ -67,7 +65,6 @@ class LearnedOptimizer(MetaAlgorithm):
         self.tuning_problems = positive_int("tuning_problems", tuning_problems)
         self.picture_problems = positive_int("picture_problems", picture_problems)
         self.family: ProblemFamily[Any] | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self._tuned: dict[str, float] | None = None
 
     def setup(self, tasks: TaskSampler) -> None:
@@ -76,9 +73,6 @@ class LearnedOptimizer(MetaAlgorithm):
             raise ValueError(f"trains an optimizer on optimizee problems; the dataset ({type(tasks).__name__}) "
                              "gives none (dataset=quadratic)")
         self.family = family
-
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
 
     def _family(self) -> ProblemFamily[Any]:
         if self.family is None:
@@ -89,10 +83,9 @@ class LearnedOptimizer(MetaAlgorithm):
     def rule(self) -> UpdateRule:
         return self.model  # type: ignore[return-value]
 
-    def meta_train_step(self, batch: Any) -> StepResult:  # type: ignore[override]
-        if self._optimizer is None:
-            raise RuntimeError("the learned optimizer is trained by the trainer's optimizer: bind_optimizer()")
-        optimizer = self._optimizer
+    def update(self, batch: ProblemBatch, optimizer: torch.optim.Optimizer) -> tuple[StepResult, float]:
+        """Truncated backpropagation through the optimisation of `batch` over `horizon` steps: one
+        `optimizer` step on the learned rule's weights per unrolled segment."""
         before = torch.cat([p.detach().reshape(-1) for p in self.parameters()]).clone()
         segment_losses: list[float] = []
 
@@ -104,15 +97,12 @@ class LearnedOptimizer(MetaAlgorithm):
 
         losses = meta_train_truncated(self.rule, self._family(), batch, self.horizon, self.unroll_length, step)
         optimizer.zero_grad(set_to_none=True)
-        self.update_norm = float((torch.cat([p.detach().reshape(-1) for p in self.parameters()]) - before).norm())
+        norm = float((torch.cat([p.detach().reshape(-1) for p in self.parameters()]) - before).norm())
         final, initial = losses[-1].mean().item(), losses[0].mean().item()
         mean = sum(segment_losses) / len(segment_losses)
-        return StepResult(meta_loss=mean, meta_loss_pre=initial, score=final, score_pre=initial)
+        return StepResult(meta_loss=mean, meta_loss_pre=initial, score=final, score_pre=initial), norm
 
-    def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
-        raise TypeError("a learned optimizer optimises problems: use evaluate() on a batch of problems")
-
-    def optimise(self, batch: Any, rule: UpdateRule | None = None, steps: int | None = None) -> Tensor:
+    def optimise(self, batch: ProblemBatch, rule: UpdateRule | None = None, steps: int | None = None) -> Tensor:
         """Losses f(θ_0) … f(θ_steps) [steps + 1, B] of `rule` (the learned optimizer by default)."""
         family = self._family()
         with torch.no_grad():
@@ -130,7 +120,7 @@ class LearnedOptimizer(MetaAlgorithm):
                            for name, make in BASELINES.items()}
         return self._tuned
 
-    def evaluate(self, batch: Any) -> TaskScores:  # type: ignore[override]
+    def evaluate(self, batch: ProblemBatch) -> TaskScores:
         """The learned optimizer's final and mean loss on each problem, and each tuned baseline's final loss
         on the same problems (`final_loss_sgd`, `final_loss_momentum`, `final_loss_rmsprop`, `final_loss_adam`)."""
         losses = self.optimise(batch)
@@ -145,7 +135,7 @@ class LearnedOptimizer(MetaAlgorithm):
         """Mean loss curves [steps + 1] over `problems` (default `picture_problems`) held-out problems of the
         learned optimizer and of each baseline at its tuned learning rate (`tuned_learning_rates`)."""
         steps = steps or 2 * self.horizon
-        held_out = tasks.sample(problems or self.picture_problems, "test", generator)
+        held_out = cast(ProblemBatch, tasks.sample(problems or self.picture_problems, "test", generator))
         curves = {"learned (LSTM)": self.optimise(held_out, steps=steps).mean(1)}
         for name, lr in self.tuned_learning_rates().items():
             curves[f"{name} (lr {lr:.3g})"] = self.optimise(held_out, BASELINES[name](lr), steps).mean(1)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
+from metalearn.algorithms.base import FewShotLearner, StepResult, TaskScores
 from metalearn.algorithms.functional import (
     InnerLearned,
     InnerOptimizer,
@@ -58,7 +58,7 @@ def choose_vectorize(model: nn.Module, vectorize: bool | str) -> bool:
     return bool(vectorize)
 
 
-class MAML(MetaAlgorithm):
+class MAML(FewShotLearner):
     """MAML with true second-order meta-gradients by default.
 
     Args:

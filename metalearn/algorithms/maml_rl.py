@@ -38,11 +38,12 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
+from metalearn.algorithms.base import SelfUpdating, StepResult, TaskScores
 from metalearn.algorithms.functional import Params, buffers_of
+from metalearn.algorithms.policy import PolicyLearner
 from metalearn.checks import positive_int
 from metalearn.objectives import Objective
-from metalearn.rl.envs import BatchEnv, Navigation2D
+from metalearn.rl.envs import Navigation2D
 from metalearn.rl.pictures import navigation_figure
 from metalearn.rl.rollout import (
     Trajectories,
@@ -56,7 +57,7 @@ from metalearn.rl.rollout import (
 )
 from metalearn.rl.tasks import EnvTaskBatch
 from metalearn.rl.trpo import trpo_update
-from metalearn.tasks import Task, TaskSampler
+from metalearn.tasks import TaskSampler
 
 OUTERS = ("trpo", "ppo", "vpg")
 
@@ -70,7 +71,7 @@ class TaskData(NamedTuple):
     mask: Tensor
 
 
-class MAMLRL(MetaAlgorithm):
+class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
     """MAML with policy-gradient inner steps and a TRPO (or PPO/VPG) outer step.
 
     Args:
@@ -91,8 +92,6 @@ class MAMLRL(MetaAlgorithm):
         init_std: the Gaussian policy's initial standard deviation (continuous actions).
     """
 
-    reinforcement = True
-    task_kind = "environments"
 
     def __init__(self, model: nn.Module, objective: Objective, inner_lr: float = 0.1, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, eval_inner_lrs: Sequence[float] | None = None,
@@ -128,29 +127,14 @@ class MAMLRL(MetaAlgorithm):
         self.line_search_steps, self.line_search_backtrack = line_search_steps, line_search_backtrack
         self.ppo_clip, self.ppo_epochs = ppo_clip, positive_int("ppo_epochs", ppo_epochs)
         self.init_std = init_std
-        self.steps_itself = outer in ("trpo", "ppo")
-        self.update_norm = 0.0
-        self.env: BatchEnv | None = None
         self.log_std: nn.Parameter | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
     def setup(self, tasks: TaskSampler) -> None:
-        env = getattr(tasks, "env", None)
-        if not isinstance(env, BatchEnv):
-            raise ValueError(f"trains policies on environments; the dataset ({type(tasks).__name__}) is not one "
-                             "(use dataset=navigation2d, bandit, halfcheetah_vel or halfcheetah_dir)")
-        self.env = env
+        super().setup(tasks)
+        env = self._env()
         if not env.discrete:
             self.log_std = nn.Parameter(torch.full((env.action_size,), float(torch.tensor(self.init_std).log())))
-
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
-
-    def _env(self) -> BatchEnv:
-        if self.env is None:
-            raise RuntimeError("MAMLRL.setup(tasks) was not called")
-        return self.env
 
     def policy_params(self) -> Params:
         """The meta-parameters the inner loop adapts: the network's and the log standard deviation."""
@@ -263,9 +247,6 @@ class MAMLRL(MetaAlgorithm):
             params, shared = self.inner_step(params, shared, task_data, create_graph=not self.first_order), False
         return params, shared
 
-    def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
-        raise TypeError("MAMLRL adapts to environments from their trajectories: use evaluate() on an EnvTaskBatch")
-
     # -- the outer loop -------------------------------------------------------------------------------
     def outer_terms(self, params: Params, shared: bool, post: TaskData, old_log_prob: Tensor, old_out: Tensor,
                     old_log_std: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -289,7 +270,10 @@ class MAMLRL(MetaAlgorithm):
             kl = gaussian_kl(old_out, old_log_std.view(len(out), 1, 1, -1), out, log_std)
         return per_task(ratio * advantages), per_task(clipped), per_task(kl)
 
-    def meta_train_step(self, batch: EnvTaskBatch) -> StepResult:  # type: ignore[override]
+    def update(self, batch: EnvTaskBatch, optimizer: torch.optim.Optimizer) -> tuple[StepResult, float]:
+        """One meta-update on `batch` by the outer rule: a TRPO step (its own rule), PPO's epochs of
+        `optimizer` steps on the clipped surrogate, or one `optimizer` step on the policy-gradient
+        surrogate (vpg). Returns the metrics and the update's length (vpg: the gradient's norm)."""
         adapted, shared, data, returns = self._adapt_all(batch, self.inner_steps, purpose=0)
         trajectories = self.sample(batch, adapted, shared, purpose=self.inner_steps)
         post = self.task_data(trajectories, self._advantages(trajectories))
@@ -308,27 +292,28 @@ class MAMLRL(MetaAlgorithm):
 
         meta_params = list(self.policy_params().values())
         if self.outer == "trpo":
-            result = trpo_update(meta_params, lambda: -terms()[0], lambda: terms()[2], self.max_kl, self.cg_damping,
-                                 self.cg_iterations, self.line_search_backtrack, self.line_search_steps)
-            self.update_norm = result.step_norm
+            norm = trpo_update(meta_params, lambda: -terms()[0], lambda: terms()[2], self.max_kl, self.cg_damping,
+                               self.cg_iterations, self.line_search_backtrack, self.line_search_steps).step_norm
             for p in meta_params:
                 p.grad = None
         elif self.outer == "ppo":
-            if self._optimizer is None:
-                raise RuntimeError("outer=ppo steps the trainer's optimizer: bind_optimizer() was not called")
             before = torch.cat([p.detach().reshape(-1) for p in meta_params]).clone()
             for _ in range(self.ppo_epochs):
-                self._optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 (-terms()[1]).backward()
-                self._optimizer.step()
-            self.update_norm = float((torch.cat([p.detach().reshape(-1) for p in meta_params]) - before).norm())
-            self._optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+            norm = float((torch.cat([p.detach().reshape(-1) for p in meta_params]) - before).norm())
+            optimizer.zero_grad(set_to_none=True)
         else:
+            optimizer.zero_grad(set_to_none=True)
             (-terms()[0]).backward()
-        return StepResult(meta_loss=-post_return, meta_loss_pre=-pre_return, score=post_return, score_pre=pre_return)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], math.inf).item()
+            optimizer.step()
+        result = StepResult(meta_loss=-post_return, meta_loss_pre=-pre_return, score=post_return, score_pre=pre_return)
+        return result, norm
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self, batch: EnvTaskBatch) -> TaskScores:  # type: ignore[override]
+    def evaluate(self, batch: EnvTaskBatch) -> TaskScores:
         """Mean episode return of each task before adaptation and after each of `eval_inner_steps` steps."""
         steps = self.eval_inner_steps
         adapted, shared, _, returns = self._adapt_all(batch, steps, purpose=1000, testing=True)

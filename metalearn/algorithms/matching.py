@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, class_members, probe_features
+from metalearn.algorithms.metric import MetricLearner, class_members
 from metalearn.checks import positive_int
 from metalearn.objectives import Objective
-from metalearn.tasks import TaskSampler
+from metalearn.tasks import TaskBatch, TaskSampler, probe
 
 
 def attention_logits(queries: Tensor, support: Tensor, scale: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ def class_log_probabilities(logits: Tensor, members: Tensor) -> Tensor:
     return torch.logsumexp(logits.log_softmax(-1).unsqueeze(-1) + mask.unsqueeze(1), dim=2)
 
 
-class MatchingNet(MetricLearner):
+class MatchingNet(MetricLearner[TaskBatch]):
     """Matching Networks; the model is the embedding network (normally without a head).
 
     Args:
@@ -93,7 +93,7 @@ class MatchingNet(MetricLearner):
         g, and an LSTM cell with input [f'(x); r] (2d) and state d for f."""
         if not self.fce:
             return
-        out = probe_features(self.model, tasks).flatten(1)
+        out = probe(self.model, tasks).flatten(1)
         d = out.shape[1]
         self.support_lstm = nn.LSTM(d, d, batch_first=True, bidirectional=True, device=out.device, dtype=out.dtype)
         self.query_lstm = nn.LSTMCell(2 * d, d, device=out.device, dtype=out.dtype)

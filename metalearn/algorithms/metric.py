@@ -13,14 +13,15 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
+from metalearn.algorithms.base import B, GradientLearner, StepResult, TaskScores, illustrated
 from metalearn.algorithms.functional import Params
 from metalearn.checks import one_of, positive_float
 from metalearn.models.norm import PerStepBatchNorm2d
@@ -64,21 +65,6 @@ def embed_sets(model: nn.Module, sets: Sequence[Tensor], per_task: bool = False)
     return [part.view(images.shape[0], images.shape[1], *part.shape[1:]) for part, images in zip(parts, sets)]
 
 
-def probe_features(model: nn.Module, tasks: TaskSampler) -> Tensor:
-    """The model's outputs [n, ...] for the support images of one validation episode, computed in
-    evaluation mode without gradients, every module's mode restored afterwards (so BatchNorm's running
-    statistics are untouched). Used to size the meta-parameters that depend on the embedding."""
-    probe = tasks.sample(1, "val", torch.Generator().manual_seed(0))
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(probe.support_x[0])
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-
-
 def class_members(support_y: Tensor, n_way: int) -> Tensor:
     """One-hot class membership [T, n, n_way] (int64) of the support labels [T, n] in 0..n_way-1,
     checking that every class of every task has an example."""
@@ -100,7 +86,7 @@ def n_way_of(labels: Tensor) -> int:
     return int(labels.max()) + 1
 
 
-class MetricLearner(MetaAlgorithm):
+class MetricLearner(GradientLearner[B]):
     """Base class: embed, `fit` a per-task state on the support embeddings, `classify` queries.
 
     Subclasses implement `fit` and `classify` (and may override `query_loss`); both run with autocast
@@ -178,18 +164,18 @@ class MetricLearner(MetaAlgorithm):
             loss_pre = score_pre = torch.full((len(batch),), math.nan, dtype=logits.dtype, device=logits.device)
         return self.query_loss(logits, batch.query_y), loss_pre, score(logits.detach(), batch.query_y), score_pre
 
-    def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
+    def adapt(self, task: Task, *, create_graph: bool = False) -> Params:
         """The task's state (see `fit`, without the task dimension); differentiable with respect to
-        the embedding network iff `create_graph`. `steps` is accepted for the interface and has no
-        effect (there is no inner loop)."""
+        the embedding network iff `create_graph`."""
         with torch.set_grad_enabled(create_graph):
             (support,) = self.embed([task.support_x.unsqueeze(0)])
             with full_precision(support.device):
                 state = self.fit(support, task.support_y.unsqueeze(0), n_way_of(task.support_y))
         return {name: value[0] for name, value in state.items()}
 
-    def meta_train_step(self, batch: TaskBatch) -> StepResult:
-        loss, loss_pre, score, score_pre = self._outcome(batch)
+    def meta_train_step(self, batch: B) -> StepResult:
+        # Episodes; a learner that trains on other batches (pairs, labelled minibatches) overrides this.
+        loss, loss_pre, score, score_pre = self._outcome(cast(TaskBatch, batch))
         loss.mean().backward()
         return StepResult(loss.mean().item(), loss_pre.mean().item(), score.mean().item(), score_pre.mean().item())
 
@@ -205,3 +191,7 @@ class MetricLearner(MetaAlgorithm):
             with full_precision(embedded.device):
                 after = self.classify(state, embedded)[0]
         return torch.zeros_like(after), after
+
+    def illustrate(self, tasks: TaskSampler, generator: torch.Generator) -> Figure | None:
+        """The task family's own picture (`Illustrated`) of the uniform and the metric classifier's scores."""
+        return illustrated(tasks, self.predict, generator)

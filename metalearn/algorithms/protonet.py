@@ -21,6 +21,7 @@ from metalearn.algorithms.functional import Params
 from metalearn.algorithms.metric import MetricLearner, class_members, class_sums
 from metalearn.checks import one_of
 from metalearn.objectives import Objective
+from metalearn.tasks import TaskBatch
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -43,7 +44,7 @@ def similarities(queries: Tensor, prototypes: Tensor, distance: str) -> Tensor:
     return -squared
 
 
-class ProtoNet(MetricLearner):
+class ProtoNet(MetricLearner[TaskBatch]):
     """Prototypical Networks; the model is the embedding network (normally without a head).
 
     Args:

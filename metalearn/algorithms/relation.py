@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, class_sums, mixes_examples, probe_features
+from metalearn.algorithms.metric import MetricLearner, class_sums, mixes_examples
 from metalearn.checks import one_of, positive_int
 from metalearn.models.norm import norm_layer
 from metalearn.objectives import Objective
-from metalearn.tasks import TaskSampler
+from metalearn.tasks import TaskBatch, TaskSampler, probe
 
 # Normalisation of the relation module (see metalearn.models.norm); batch_per_step is for inner loops.
 RELATION_NORMS = ("batch", "batch_running", "group", "none")
@@ -69,7 +69,7 @@ def relation_module(channels: int, height: int, width: int, filters: int, hidden
                          nn.Linear(hidden, 1), nn.Sigmoid(), nn.Flatten(0))
 
 
-class RelationNet(MetricLearner):
+class RelationNet(MetricLearner[TaskBatch]):
     """Relation Networks; the model is the embedding network, normally returning feature maps.
 
     Args:
@@ -100,7 +100,7 @@ class RelationNet(MetricLearner):
 
     def setup(self, tasks: TaskSampler) -> None:
         """Create the relation module for the feature-map shape the model gives on the task family."""
-        out = probe_features(self.model, tasks)
+        out = probe(self.model, tasks)
         channels, height, width = as_maps(out, leading=1).shape[1:]
         self.relation = relation_module(channels, height, width, self.filters or channels, self.hidden, self.norm)
         self.relation.to(device=out.device, dtype=out.dtype)

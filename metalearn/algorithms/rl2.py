@@ -24,8 +24,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
-from metalearn.algorithms.functional import Params
+from metalearn.algorithms.base import GradientLearner, StepResult, TaskScores
+from metalearn.algorithms.policy import PolicyLearner
 from metalearn.checks import positive_int
 from metalearn.models.recurrent import RecurrentPolicy
 from metalearn.objectives import Objective
@@ -34,7 +34,7 @@ from metalearn.rl.envs import Bandit, BatchEnv, Navigation2D
 from metalearn.rl.pictures import navigation_figure
 from metalearn.rl.rollout import categorical_sample, draw_noise, gae, gaussian_log_prob, masked_mean, normalize
 from metalearn.rl.tasks import EnvTaskBatch
-from metalearn.tasks import Task, TaskSampler
+from metalearn.tasks import TaskSampler
 
 MAX_EPISODE_METRICS = 10  # per-episode returns reported for trials of at most this many episodes
 
@@ -56,7 +56,7 @@ class TrialData(NamedTuple):
         return out.index_add_(0, self.episode, self.rewards).T
 
 
-class RL2(MetaAlgorithm):
+class RL2(PolicyLearner, GradientLearner[EnvTaskBatch]):
     """RL² with a recurrent policy trained by advantage actor-critic over trials.
 
     Args:
@@ -74,8 +74,6 @@ class RL2(MetaAlgorithm):
             order 1 keep the value loss from swamping the policy's gradient); reported returns are not.
     """
 
-    reinforcement = True
-    task_kind = "environments"
     model_predicts_targets = False
 
     def __init__(self, model: nn.Module, objective: Objective, episodes_per_trial: int = 2, trials_per_task: int = 1,
@@ -99,27 +97,19 @@ class RL2(MetaAlgorithm):
         self.trials_per_task = positive_int("trials_per_task", trials_per_task)
         self.gamma, self.gae_lambda = gamma, gae_lambda
         self.value_coef, self.entropy_coef, self.normalize_advantages = value_coef, entropy_coef, normalize_advantages
-        self.env: BatchEnv | None = None
 
     def setup(self, tasks: TaskSampler) -> None:
-        env = getattr(tasks, "env", None)
-        if not isinstance(env, BatchEnv):
-            raise ValueError(f"trains policies on environments; the dataset ({type(tasks).__name__}) is not one")
+        super().setup(tasks)
+        env = self._env()
         sizes = (self.policy.observation_size, self.policy.action_size, self.policy.discrete)
         if sizes != (env.observation_size, env.action_size, env.discrete):
             raise ValueError(f"the policy (observation_size={sizes[0]}, action_size={sizes[1]}, discrete={sizes[2]}) "
                              f"does not fit the environment ({env.observation_size}, {env.action_size}, "
                              f"{env.discrete}): set model.observation_size/action_size/discrete")
-        self.env = env
 
     @property
     def policy(self) -> RecurrentPolicy:
         return cast(RecurrentPolicy, self.model)
-
-    def _env(self) -> BatchEnv:
-        if self.env is None:
-            raise RuntimeError("RL2.setup(tasks) was not called")
-        return self.env
 
     # -- trials -------------------------------------------------------------------------------------
     def _act(self, out: Tensor, noise: Tensor) -> Tensor:
@@ -199,7 +189,7 @@ class RL2(MetaAlgorithm):
         return (-masked_mean(log_prob * advantages, mask), masked_mean((values - returns) ** 2, mask),
                 masked_mean(entropy, mask))
 
-    def meta_train_step(self, batch: EnvTaskBatch) -> StepResult:  # type: ignore[override]
+    def meta_train_step(self, batch: EnvTaskBatch) -> StepResult:
         data = self.run_trials(batch, purpose=0)
         policy_loss, value_loss, entropy = self.losses(data)
         (policy_loss + self.value_coef * value_loss - self.entropy_coef * entropy).backward()
@@ -211,11 +201,8 @@ class RL2(MetaAlgorithm):
         """The headline score of each task from its episode returns [tasks, episodes]."""
         return returns[:, -1] if self.score == "last" else returns.mean(1)
 
-    def adapt(self, task: Task, *, create_graph: bool = False, steps: int | None = None) -> Params:
-        raise TypeError("RL² adapts in its hidden state while it plays: use evaluate() on an EnvTaskBatch")
-
     # -- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self, batch: EnvTaskBatch) -> TaskScores:  # type: ignore[override]
+    def evaluate(self, batch: EnvTaskBatch) -> TaskScores:
         data = self.run_trials(batch, purpose=1000)
         returns = self._task_episode_returns(data, len(batch))
         extra: dict[str, Tensor] = {}

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import StepResult
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, class_members, probe_features
+from metalearn.algorithms.metric import MetricLearner, class_members
 from metalearn.checks import one_of, positive_float
 from metalearn.objectives import Objective
-from metalearn.tasks import PairBatch, TaskBatch, TaskSampler
+from metalearn.tasks import PairBatch, TaskBatch, TaskSampler, drawer, probe
 
 LOSSES = ("koch", "contrastive")
 # Added to the squared distance under the square root: the derivative of sqrt(s) is infinite at s = 0,
@@ -50,7 +50,7 @@ def contrastive_loss(distance: Tensor, same: Tensor, margin: float) -> Tensor:
     return same * distance.pow(2) / 2 + (1 - same) * F.relu(margin - distance).pow(2) / 2
 
 
-class Siamese(MetricLearner):
+class Siamese(MetricLearner[TaskBatch | PairBatch]):
     """Siamese networks; the model is the embedding network (normally without a head).
 
     Args:
@@ -60,7 +60,7 @@ class Siamese(MetricLearner):
             (Euclidean distance with a margin).
         margin: contrastive only: different-class pairs closer than this are pushed apart. A pair is
             verified as same-class when d < margin / 2.
-        pairs: train on `PairBatch`es of image pairs (`train_batches = "pairs"`, Koch's protocol); False:
+        pairs: train on `PairBatch`es of image pairs drawn from the training classes (Koch's protocol); False:
             on episodes, every (query, support) pair of each episode being a training pair.
 
     `setup(tasks)` creates Koch's alpha (sized by probing the model with a validation episode) and b.
@@ -90,15 +90,17 @@ class Siamese(MetricLearner):
         self.loss = one_of("loss", loss, LOSSES)
         self.margin = positive_float("margin", margin)
         self.pairs = bool(pairs)
-        self.train_batches = "pairs" if self.pairs else "episodes"
         self.register_parameter("alpha", None)
         self.register_parameter("bias", None)
 
     def setup(self, tasks: TaskSampler) -> None:
-        """koch: create alpha [embedding size] and b (once); contrastive has no meta-parameters of its own."""
+        """Check that the task family draws pairs (with `pairs`); koch: create alpha [embedding size] and b
+        (once); contrastive has no meta-parameters of its own."""
+        if self.pairs:
+            drawer(tasks, "sample_pairs", "pairs")
         if self.loss != "koch":
             return
-        out = probe_features(self.model, tasks)
+        out = probe(self.model, tasks)
         size = out[0].numel()
         if self.alpha is not None:
             if self.alpha.numel() != size:
@@ -113,7 +115,7 @@ class Siamese(MetricLearner):
         if self.loss == "contrastive":
             return -((first - second).pow(2).sum(-1) + EPS).sqrt()
         if self.alpha is None or self.bias is None:
-            raise RuntimeError("Siamese(loss='koch') has no alpha yet: call setup(tasks) first (metalearn.train "
+            raise RuntimeError("Siamese(loss='koch') has no alpha yet: call setup(tasks) first (metalearn.compose "
                                "does), which sizes it from the model's embedding")
         return ((first - second).abs() * self.alpha).sum(-1) + self.bias
 
@@ -137,6 +139,13 @@ class Siamese(MetricLearner):
         similarities = self.similarity(query.flatten(2).unsqueeze(2), state["support"].unsqueeze(1))  # [T, Q, n]
         outside = ~state["members"].unsqueeze(1)  # [T, 1, n, n_way]
         return similarities.unsqueeze(-1).masked_fill(outside, -math.inf).amax(dim=2)
+
+    def draw(self, tasks: TaskSampler, batch_size: int, generator: torch.Generator) -> TaskBatch | PairBatch:
+        """`batch_size` pairs of training images (`pairs`), else `batch_size` training episodes."""
+        if self.pairs:
+            pairs: PairBatch = drawer(tasks, "sample_pairs", "pairs")(batch_size, "train", generator)
+            return pairs
+        return tasks.sample(batch_size, "train", generator)
 
     def meta_train_step(self, batch: TaskBatch | PairBatch) -> StepResult:
         """The mean pair loss over a `PairBatch`, or over every (query, support) pair of each episode of a

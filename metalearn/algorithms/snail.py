@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.functional import Params
-from metalearn.algorithms.metric import MetricLearner, n_way_of, probe_features
+from metalearn.algorithms.metric import MetricLearner, n_way_of
 from metalearn.models.snail import PAPER_ATTENTION, PAPER_TC_FILTERS, SNAILNetwork, block_sizes
 from metalearn.objectives import Objective
-from metalearn.tasks import TaskSampler
+from metalearn.tasks import TaskBatch, TaskSampler, probe
 
 
-class SNAIL(MetricLearner):
+class SNAIL(MetricLearner[TaskBatch]):
     """SNAIL for few-shot classification; the model is the embedding network (without a head).
 
     Args:
@@ -69,7 +69,7 @@ class SNAIL(MetricLearner):
 
     def setup(self, tasks: TaskSampler) -> None:
         """Create the sequence network for the embedding size, the way and the training episodes' length."""
-        embedding = probe_features(self.model, tasks).flatten(1)
+        embedding = probe(self.model, tasks).flatten(1)
         generator = torch.Generator().manual_seed(0)
         train, val = tasks.sample(1, "train", generator), tasks.sample(1, "val", generator)
         n_way, eval_way = n_way_of(train.support_y), n_way_of(val.support_y)

@@ -6,13 +6,10 @@ tensor operations, from an explicit generator, like episodes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # episodes.py imports this module
-    from metalearn.data.episodes import ClassImages
+from metalearn.data.images import ClassImages
 
 
 def _below(bound: Tensor, generator: torch.Generator) -> Tensor:

@@ -27,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from metalearn.checks import positive_int
 from metalearn.data.augment import Augment
 from metalearn.data.cache import cache_path, cached, file_identity
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.images import ClassImages
 from metalearn.tasks import SPLITS, Split
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from pathlib import Path
 from metalearn.checks import positive_int
 from metalearn.data.augment import Augment
 from metalearn.data.download import miniimagenet_layout
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
 from metalearn.data.folder import Rows, check_channels, check_disjoint, load_split, read_csv_rows
+from metalearn.data.images import ClassImages
 from metalearn.tasks import SPLITS, Split
 
 RAVI_SPLIT = ("splits", "miniimagenet_ravi")

@@ -42,8 +42,9 @@ from metalearn.checks import one_of, positive_int
 from metalearn.data.augment import Augment
 from metalearn.data.cache import cache_path, cached, file_identity
 from metalearn.data.download import download as fetch_dataset
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
 from metalearn.data.folder import IMAGE_ERRORS, damage_reason
+from metalearn.data.images import ClassImages
 from metalearn.tasks import Split
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from metalearn.tasks import derived_seed
 
 P = TypeVar("P")
 
@@ -41,7 +43,7 @@ class ProblemFamily(Protocol[P]):
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of a problem batch's randomness at optimisation step `step`."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+    return torch.Generator().manual_seed(derived_seed(seed, step))
 
 
 def draw_seeds(n: int, generator: torch.Generator) -> Tensor:
@@ -54,6 +56,8 @@ B = TypeVar("B", bound="ProblemBatch")
 class ProblemBatch:
     """A batch of problems as a dataclass of tensors with a leading problem dimension (`theta0` among
     them, `seeds` the per-problem seeds): length, indexing, concatenation."""
+
+    kind: ClassVar[str] = "optimizee problems"
 
     theta0: Tensor
     seeds: Tensor

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.l2o.problems import ProblemFamily
+from metalearn.l2o.problems import ProblemBatch, ProblemFamily
 from metalearn.objectives import AlgorithmsOwn
 from metalearn.tasks import Split
 
@@ -20,7 +20,7 @@ class ProblemTasks:
     # The optimizee's loss at the end of the horizon, lower is better; the learned optimizer's meta-loss
     # is the mean optimizee loss over the unroll.
     objective = AlgorithmsOwn("final_loss", higher_is_better=False)
-    task_kind = "optimizees"
+    batch_type = ProblemBatch
 
     def __init__(self, family: ProblemFamily[Any]) -> None:
         if not all(callable(getattr(family, name, None)) for name in ("sample", "initial_params", "loss")):

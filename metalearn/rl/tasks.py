@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from metalearn.objectives import AlgorithmsOwn
 from metalearn.rl.envs import BatchEnv
-from metalearn.tasks import Split
+from metalearn.tasks import Split, derived_seed
 
 
 @dataclass(frozen=True)
 class EnvTaskBatch:
     """A meta-batch of environment tasks: each task's parameters and a seed for all its randomness
     (episodes' noise and initial states), drawn from the trainer's generator."""
+
+    kind: ClassVar[str] = "environments"
 
     params: Tensor  # [B, param_size]
     seeds: Tensor  # [B] int64
@@ -33,7 +36,7 @@ class EnvTaskBatch:
 
     def generators(self, purpose: int = 0) -> list[torch.Generator]:
         """One generator per task, from its seed and `purpose` (which rollout of the task it serves)."""
-        return [torch.Generator().manual_seed((int(s) * 1_000_003 + purpose) % 2**63) for s in self.seeds]
+        return [torch.Generator().manual_seed(derived_seed(int(s), purpose)) for s in self.seeds]
 
     @staticmethod
     def cat(batches: Sequence[EnvTaskBatch]) -> EnvTaskBatch:
@@ -49,7 +52,7 @@ class EnvTasks:
 
     # The undiscounted episode return, higher is better; the losses are the algorithms' (−return surrogates).
     objective = AlgorithmsOwn("return", higher_is_better=True)
-    task_kind = "environments"
+    batch_type = EnvTaskBatch
 
     def __init__(self, env: BatchEnv, observation_size: int | None = None, action_size: int | None = None,
                  discrete: bool | None = None) -> None:

@@ -4,6 +4,7 @@ references, finite differences, gradient capture and comparison, and a short sin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import MetaAlgorithm, StepResult, TaskScores
+from metalearn.algorithms.base import GradientLearner, StepResult, TaskScores
 from metalearn.algorithms.functional import Params
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.images import ClassImages
+from metalearn.data.omniglot import Omniglot
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
@@ -90,7 +93,8 @@ def central_differences(
     return grads
 
 
-def meta_grads(algorithm: MetaAlgorithm, batch: TaskBatch, of: nn.Module | None = None) -> tuple[Params, StepResult]:
+def meta_grads(algorithm: GradientLearner[Any], batch: TaskBatch,
+               of: nn.Module | None = None) -> tuple[Params, StepResult]:
     """Run one meta-training step from zeroed gradients; return copies of the grads of `of`'s
     parameters (default: the model's) and the step's result."""
     algorithm.zero_grad(set_to_none=True)
@@ -113,7 +117,7 @@ def assert_dicts_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tens
 
 
 def sinusoid_run(
-    algorithm: MetaAlgorithm,
+    algorithm: GradientLearner[Any],
     optimizer: torch.optim.Optimizer,
     steps: int,
     meta_batch_size: int = 10,
@@ -144,7 +148,7 @@ def sinusoid_run(
     return trained.loss_pre.mean().item(), trained.loss.mean().item(), untrained.loss.mean().item()
 
 
-def learning_run(algorithm: MetaAlgorithm, episodes: TaskSampler, draw: Callable[[torch.Generator], Any],
+def learning_run(algorithm: GradientLearner[Any], episodes: TaskSampler, draw: Callable[[torch.Generator], Any],
                  steps: int, lr: float) -> tuple[float, TaskScores, StepResult]:
     """The short learning run of the metric-based methods' Omniglot tests: the held-out accuracy of the
     untrained algorithm on 100 test episodes (seed 7), then `steps` Adam steps on the batches `draw`
@@ -165,6 +169,24 @@ def learning_run(algorithm: MetaAlgorithm, episodes: TaskSampler, draw: Callable
         optimizer.step()
     algorithm.eval()
     return untrained, algorithm.evaluate(held_out), result
+
+
+def omniglot_learning(make: Callable[[nn.Module], GradientLearner[Any]], root: Path, cache_dir: Path, *,
+                      steps: int = 150, lr: float = 1e-3) -> tuple[float, TaskScores]:
+    """The short Omniglot run of the metric-based methods' tests: `make(model)` on a Conv-4 embedding of
+    16 filters (BatchNorm with running statistics, initialised from seed 0), set up on 5-way 1-shot
+    episodes with 5 queries, then `learning_run` with meta-batches of 4 training episodes.
+
+    Returns:
+        (untrained accuracy, scores after training on the held-out test episodes).
+    """
+    episodes = Omniglot(str(root), n_way=5, k_shot=1, k_query=5, cache_dir=str(cache_dir))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        algorithm = make(Conv4(1, None, 28, hidden=16, norm="batch_running"))
+        algorithm.setup(episodes)
+    untrained, scores, _ = learning_run(algorithm, episodes, lambda g: episodes.sample(4, "train", g), steps, lr)
+    return untrained, scores
 
 
 class Fixed:

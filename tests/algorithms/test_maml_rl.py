@@ -77,9 +77,11 @@ def test_meta_gradient_through_the_inner_step_matches_finite_differences(env: Na
 def test_trpo_meta_step_keeps_the_kl_and_improves_the_surrogate() -> None:
     tasks, algorithm = make(inner_lr=0.1, episodes=4, max_kl=0.01)
     before = {k: v.detach().clone() for k, v in algorithm.policy_params().items()}
-    result = algorithm.meta_train_step(tasks.sample(3, "train", torch.Generator().manual_seed(2)))
+    optimizer = torch.optim.Adam(algorithm.parameters())  # not used by TRPO's own step
+    result, norm = algorithm.update(tasks.sample(3, "train", torch.Generator().manual_seed(2)), optimizer)
     moved = sum((v.detach() - before[k]).pow(2).sum() for k, v in algorithm.policy_params().items()) ** 0.5
-    assert algorithm.update_norm == pytest.approx(float(moved), rel=1e-4) and algorithm.update_norm > 0
+    assert norm == pytest.approx(float(moved), rel=1e-4) and norm > 0
+    assert all(not state for state in optimizer.state.values())
     assert all(p.grad is None for p in algorithm.parameters())  # it stepped itself
     assert result.score == -result.meta_loss
 
@@ -101,9 +103,9 @@ def test_short_run_on_navigation_adapts() -> None:
     tasks, algorithm = make(env=Navigation2D(horizon=50), hidden=32, inner_lr=0.1, episodes=10, eval_inner_steps=1)
     test = EnvTaskBatch.cat(list(fixed_batches(tasks, "test", 20, seed=2, batch_size=20)))
     untrained = algorithm.evaluate(test)
-    generator = torch.Generator().manual_seed(0)
+    generator, optimizer = torch.Generator().manual_seed(0), torch.optim.Adam(algorithm.parameters())
     for _ in range(20):
-        algorithm.meta_train_step(tasks.sample(10, "train", generator))
+        algorithm.update(tasks.sample(10, "train", generator), optimizer)
     trained = algorithm.evaluate(test)
     gain = trained.extra["return_step1"] - trained.extra["return_step0"]
     assert gain.mean() > 3 * gain.std() / 20**0.5  # adaptation helps, beyond noise

@@ -14,12 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.protonet import ProtoNet, class_means
-from metalearn.data.omniglot import Omniglot
-from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
 from metalearn.objectives import Classification, Regression
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from tests.algorithms.helpers import learning_run, meta_grads, random_batch, tiny_conv, tiny_episodes
+from tests.algorithms.helpers import meta_grads, omniglot_learning, random_batch, tiny_conv, tiny_episodes
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prototypes, logits and scores on hand-made 2-D points (the model is the identity).
@@ -272,12 +270,7 @@ def test_bad_options_are_named(options: dict[str, object], message: str) -> None
 def test_learns_omniglot_5way_1shot(omniglot_root: Path, cache_dir: Path) -> None:
     """A Conv-4 with 16 filters, 150 meta-steps of 5-way 1-shot episodes (meta-batch 4, Adam 1e-3):
     held-out test-split accuracy is far above chance (20%) and well above the untrained network's."""
-    episodes = Omniglot(str(omniglot_root), n_way=5, k_shot=1, k_query=5, cache_dir=str(cache_dir))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        algorithm = ProtoNet(Conv4(1, None, 28, hidden=16, norm="batch_running"), Classification())
-    untrained, scores, _ = learning_run(algorithm, episodes, lambda g: episodes.sample(4, "train", g),
-                                        steps=150, lr=1e-3)
+    untrained, scores = omniglot_learning(lambda model: ProtoNet(model, Classification()), omniglot_root, cache_dir)
     accuracy = scores.score.mean().item()
     # Measured: 0.45 untrained (random Conv-4 features already separate some characters), 0.81 after.
     assert accuracy > 0.7 and accuracy > untrained + 0.2, (untrained, accuracy)

@@ -22,8 +22,8 @@ from metalearn.checkpoint import load_checkpoint
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.models.mlp import MLP
 from metalearn.objectives import Regression
+from metalearn.run import train
 from metalearn.tasks import Task, TaskBatch, stack_tasks
-from metalearn.train import train
 from tests.algorithms.helpers import (
     VECTORIZE,
     assert_dicts_close,

@@ -34,6 +34,11 @@ class OneEpisode:
     def sample(self, batch_size: int, split: str, generator: torch.Generator) -> TaskBatch:
         return self.batch
 
+    def sample_pairs(self, batch_size: int, split: str, generator: torch.Generator) -> PairBatch:
+        x = self.batch.support_x[0]
+        return PairBatch(x[:1].expand(batch_size, *x.shape[1:]), x[1:2].expand(batch_size, *x.shape[1:]),
+                         torch.zeros(batch_size, dtype=x.dtype))
+
 
 def identity_layer(features: int) -> nn.Linear:
     """A float64 linear layer that starts as the identity, so embeddings are the inputs but the model
@@ -230,7 +235,6 @@ def test_episode_pairs_are_every_query_support_pair(loss: str) -> None:
     class when the labels agree (12 of 36): the meta-loss and gradients are those of the mean over the 72
     written-out pairs, and "before" is right on the 2/3 that are of different classes."""
     algorithm = make(loss, pairs=False)
-    assert algorithm.train_batches == "episodes" and make(loss).train_batches == "pairs"
     g = torch.Generator().manual_seed(4)
     labels = torch.tensor([[2, 0, 1, 1, 0, 2], [0, 1, 2, 0, 1, 2]])
     batch = TaskBatch(torch.randn(2, 6, 3, generator=g, dtype=torch.float64), labels,

@@ -8,7 +8,8 @@ import torch
 from hydra.utils import instantiate
 
 from metalearn.data.augment import Augment, affine_matrices, warp
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.images import ClassImages
 from tests.conftest import Composer
 
 SIZE = 16

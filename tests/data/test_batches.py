@@ -1,6 +1,6 @@
 """Tests of the non-episodic training batches: image pairs (half same-class, distinct images, the
 other class uniform and within the group when asked), labelled minibatches, their augmentation,
-and the `TrainingBatches` view that hands them to the trainer while evaluation stays episodic."""
+and `drawer`, through which a learner that trains on them draws them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 
 from metalearn.data.augment import Augment
 from metalearn.data.batches import draw_labeled, draw_pairs
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.images import ClassImages
 from metalearn.data.sinusoid import SinusoidTasks
-from metalearn.tasks import LabeledBatch, PairBatch, TaskBatch, TrainingBatches
+from metalearn.tasks import LabeledBatch, PairBatch, drawer
 
 # 6 classes with 2..4 images each; groups {0, 1, 2}, {3, 4}, {5}. Pixel value = image index, so the
 # index (and class) of every drawn image can be read back.
@@ -109,12 +110,10 @@ def test_training_pairs_are_augmented_evaluation_never() -> None:
     torch.testing.assert_close(val.x, plain[index])
 
 
-def test_training_batches_view_draws_pairs_for_training_only() -> None:
+def test_drawer_finds_a_family_s_way_of_drawing_or_says_it_has_none() -> None:
     tasks = sampler()
-    view = TrainingBatches(tasks, "pairs")
-    assert isinstance(view.sample(4, "train", torch.Generator()), PairBatch)
-    assert isinstance(view.sample(2, "val", torch.Generator()), TaskBatch)
-    assert view.objective is tasks.objective and view.n_way == 2  # everything else is the sampler's
-    assert isinstance(TrainingBatches(tasks, "labeled").sample(3, "train", torch.Generator()), LabeledBatch)
-    with pytest.raises(ValueError, match="cannot draw: it needs a dataset of classes"):
-        TrainingBatches(SinusoidTasks(), "pairs")
+    assert isinstance(drawer(tasks, "sample_pairs", "pairs")(4, "train", torch.Generator()), PairBatch)
+    assert isinstance(drawer(tasks, "sample_labeled", "labelled minibatches")(3, "train", torch.Generator()),
+                      LabeledBatch)
+    with pytest.raises(ValueError, match="trains on pairs of examples .* cannot draw: it needs a dataset of classes"):
+        drawer(SinusoidTasks(), "sample_pairs", "pairs")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.images import ClassImages
 
 
 def make_classes(counts: list[int], size: int = 4) -> ClassImages:

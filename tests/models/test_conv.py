@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from metalearn.algorithms.maml import MAML
-from metalearn.data.episodes import ClassImages, EpisodeSampler
+from metalearn.data.episodes import EpisodeSampler
+from metalearn.data.images import ClassImages
 from metalearn.models.conv import Conv4
 
 
