@@ -118,8 +118,8 @@ def _options(group: str, fits: Any) -> str:
     """The options of config group `group` whose `_target_` class satisfies `fits`, as `a, b or c`."""
     names = []
     for path in sorted((Path(CONFIG_DIR) / group).glob("*.yaml")):
-        target = re.search(r"^_target_:\s*(\S+)", path.read_text(), re.M) or re.search(
-            r"^\s+_target_:\s*(\S+)", path.read_text(), re.M)
+        text = path.read_text()
+        target = re.search(r"^_target_:\s*(\S+)", text, re.M) or re.search(r"^\s+_target_:\s*(\S+)", text, re.M)
         try:
             if target and fits(get_class(target.group(1))):
                 names.append(path.stem)

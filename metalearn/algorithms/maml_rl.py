@@ -92,7 +92,6 @@ class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
         init_std: the Gaussian policy's initial standard deviation (continuous actions).
     """
 
-
     def __init__(self, model: nn.Module, objective: Objective, inner_lr: float = 0.1, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, eval_inner_lrs: Sequence[float] | None = None,
                  episodes: int = 20, eval_episodes: int | None = None, gamma: float = 0.99,

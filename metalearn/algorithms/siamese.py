@@ -145,7 +145,7 @@ class Siamese(MetricLearner[TaskBatch | PairBatch]):
         if self.pairs:
             pairs: PairBatch = drawer(tasks, "sample_pairs", "pairs")(batch_size, "train", generator)
             return pairs
-        return tasks.sample(batch_size, "train", generator)
+        return super().draw(tasks, batch_size, generator)
 
     def meta_train_step(self, batch: TaskBatch | PairBatch) -> StepResult:
         """The mean pair loss over a `PairBatch`, or over every (query, support) pair of each episode of a
