@@ -8,6 +8,9 @@ and the test figures, and either records them or compares them with a record:
     python scripts/check_identical.py record scripts/identical.json     # before the change
     python scripts/check_identical.py check scripts/identical.json      # after it: exit 1 on a difference
 
+`record --only NAME ...` updates those experiments in an existing record and keeps the others: the way to
+accept an intended change of what one experiment computes.
+
 A difference names the experiment and the first tensor or figure that changed. Floating-point kernels
 differ between CPUs, so a record is only comparable on the machine (and torch build) that wrote it; the
 record keeps the torch version and the CPU model, and `check` refuses a record from elsewhere.
@@ -148,8 +151,17 @@ def main() -> None:
             failures.append(f"{name}: {first} differs ({want.get(first)} -> {found[name].get(first)})")
         print(f"{'differs' if failures and failures[-1].startswith(name + ':') else 'identical'}  {name}", flush=True)
     if reference is None:
-        args.record.write_text(json.dumps({"machine": machine(), "experiments": found}, indent=1) + "\n")
-        print(f"wrote {args.record} ({len(found)} experiments)")
+        kept: dict[str, Any] = {}
+        if args.only and args.record.exists():
+            previous = json.loads(args.record.read_text())
+            if previous["machine"] != machine():
+                sys.exit(f"error: {args.record}: recorded on {previous['machine']}, this is {machine()}; "
+                         "record every experiment again instead of only some")
+            kept = previous["experiments"]
+        experiments_found = dict(sorted({**kept, **found}.items()))
+        args.record.write_text(json.dumps({"machine": machine(), "experiments": experiments_found}, indent=1)
+                               + "\n")
+        print(f"wrote {args.record} ({len(found)} experiments recorded, {len(experiments_found)} in all)")
         return
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
