@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Mapping
@@ -117,11 +118,52 @@ INTRODUCED = {"algorithm.train_pass": "per_set", "algorithm.inner_state": "task"
               "model.norm_init": "ones"}
 
 
+# Strategies that were named by a string before they became objects chosen by `_target_` (2026-12-08):
+# the config key, then per old name the object's target and its settings with the old keys (beside the
+# name, in the same node) they were stored under. `upgrade_config` rewrites a saved run's config so.
+RENAMED_OPTIONS: dict[str, dict[str, tuple[str, dict[str, str]]]] = {
+    "algorithm.inner_optimizer": {
+        "sgd": ("metalearn.algorithms.functional.InnerSGD", {}),
+        "adam": ("metalearn.algorithms.functional.InnerAdam", {"betas": "inner_betas", "eps": "inner_eps"}),
+    },
+    "algorithm.loss": {
+        "koch": ("metalearn.algorithms.siamese.KochLoss", {}),
+        "contrastive": ("metalearn.algorithms.siamese.ContrastiveLoss", {"margin": "margin"}),
+    },
+    "algorithm.outer": {
+        "trpo": ("metalearn.rl.outer.TRPO", {"max_kl": "max_kl", "cg_iterations": "cg_iterations",
+                                             "cg_damping": "cg_damping", "line_search_steps": "line_search_steps",
+                                             "line_search_backtrack": "line_search_backtrack"}),
+        "ppo": ("metalearn.rl.outer.PPO", {"clip": "ppo_clip", "epochs": "ppo_epochs"}),
+        "vpg": ("metalearn.rl.outer.VPG", {}),
+    },
+}
+
+
+def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run's resolved config in today's shape: a strategy stored by name (`inner_optimizer: adam`
+    with `inner_betas` beside it) becomes the node that builds the same object (`inner_optimizer:
+    {_target_: ...InnerAdam, betas: ...}`), and the old settings keys go. Other values are unchanged, so
+    the run rebuilds (metalearn-eval) and continues (resume) exactly as it was trained."""
+    upgraded = copy.deepcopy(dict(config))
+    for key, options in RENAMED_OPTIONS.items():
+        section, name = key.rsplit(".", 1)
+        node = upgraded.get(section)
+        if not isinstance(node, dict) or name not in node:
+            continue
+        if isinstance(node[name], str) and node[name] in options:
+            target, settings = options[node[name]]
+            node[name] = {"_target_": target, **{new: node[old] for new, old in settings.items() if old in node}}
+        for old in {old for _, moved in options.values() for old in moved.values()}:
+            node.pop(old, None)  # also beside an object (maml_lstm's inner_optimizer kept inner_betas)
+    return upgraded
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that differs between two resolved configs, apart from
-    those that may change on resume (`RESUME_KEYS`); a setting the saved run predates (`INTRODUCED`)
-    counts as the value it had then."""
-    old, new = flatten_hparams(saved), flatten_hparams(current)
+    those that may change on resume (`RESUME_KEYS`); the saved config is read in today's shape
+    (`upgrade_config`), and a setting the saved run predates (`INTRODUCED`) counts as the value it had then."""
+    old, new = flatten_hparams(upgrade_config(saved)), flatten_hparams(current)
     old = {**{key: value for key, value in INTRODUCED.items() if key in new}, **old}
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and not _may_change(key)]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalearn.algorithms.base import MetaLearner
 from metalearn.tasks import TaskBatch, batch_type_of, probe
@@ -31,6 +31,24 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = str(_config_dir())
+
+
+def head_size(size: Any, *, _root_: DictConfig) -> Any:
+    """`${metalearn.head:N}`, a model's `out_features`: N when the config's learner reads the model's
+    outputs as predictions, null (no head: the model is an embedding network) when its class says
+    otherwise (`model_predicts_targets`, e.g. every metric-based learner). The fact lives in the
+    learner's class alone; an explicit `model.out_features=...` still wins."""
+    target = OmegaConf.select(_root_, "algorithm._target_", default=None)
+    if target is None:
+        return size
+    try:
+        learner = get_class(str(target))
+    except ImportError as ex:
+        raise ConfigError(f"algorithm._target_={target!r}: cannot be imported ({ex})") from ex
+    return size if getattr(learner, "model_predicts_targets", True) else None
+
+
+OmegaConf.register_new_resolver("metalearn.head", head_size, replace=True)
 
 
 class ConfigError(ValueError):

@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights, run_dir_of
+from metalearn.checkpoint import CheckpointError, load_checkpoint, load_weights, run_dir_of, upgrade_config
 from metalearn.checks import one_of, positive_int
 from metalearn.compose import ConfigError, OutputSizeError, build_learner
 from metalearn.metrics import eval_metrics, query_metric
@@ -141,7 +141,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     state = load_checkpoint(path, "cpu")
     if not state.get("config"):
         raise EvalError(f"ckpt_path={str(path)!r}: the checkpoint holds no run config to rebuild the run from")
-    cfg = apply_overrides(state["config"], request.overrides)
+    cfg = apply_overrides(upgrade_config(state["config"]), request.overrides)
     changed = " ".join(request.overrides) or "the run's settings"
     try:
         tasks, algorithm = build_learner(cfg)

@@ -64,6 +64,7 @@ from bench_maml import (
 from torch import Tensor
 
 from metalearn.algorithms.anil import ANIL
+from metalearn.algorithms.functional import InnerSGD
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.mamlpp import MAMLPlusPlus
 from metalearn.algorithms.metasgd import MetaSGD, lr_key
@@ -180,7 +181,7 @@ METHODS = {m.key: m for m in (
            per_entry_rates),
     Method("mamlpp", "MAML++", MAMLPlusPlus, {"inner_steps": MAMLPP_STEPS, "multi_step_loss_steps": MSL_WINDOW,
                                               "learn_inner_lr": True}, backward_of(mamlpp_task), per_step_rates),
-    Method("reptile", "Reptile", Reptile, {"inner_steps": REPTILE_STEPS, "inner_optimizer": "sgd",
+    Method("reptile", "Reptile", Reptile, {"inner_steps": REPTILE_STEPS, "inner_optimizer": InnerSGD(),
                                            "inner_batch_size": None}, reptile_reference),
     Method("anil", "ANIL", ANIL, {"head": "auto"}, backward_of(anil_task)),
 )}

@@ -89,7 +89,8 @@ class Reptile:
     def __init__(self, cfg: Any, shape: torch.Size, inner_state: str) -> None:
         self.model = conv4(shape[0], shape[-1], pool=False, running_stats=False, n_way=int(cfg.dataset.n_way))
         a = cfg.algorithm
-        self.lr, self.betas = float(a.inner_lr), (float(a.inner_betas[0]), float(a.inner_betas[1]))
+        betas = a.inner_optimizer.betas
+        self.lr, self.betas = float(a.inner_lr), (float(betas[0]), float(betas[1]))
         self.steps, self.eval_steps = int(a.inner_steps), int(a.eval_inner_steps)
         self.batch, self.eval_batch = int(a.inner_batch_size), int(a.eval_inner_batch_size)
         self.inner_state, self.outer_lr = inner_state, float(cfg.optimizer.lr)

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import metalearn.compose  # noqa: F401  (registers the ${metalearn.head:...} resolver the model options use)
 from tests.fakes import make_fake_cifar100, make_fake_image_folder, make_fake_miniimagenet
 
 ROOT = Path(__file__).resolve().parent.parent

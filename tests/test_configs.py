@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -127,3 +128,46 @@ def test_dataset_picks_its_model_and_metric_methods_drop_the_head(compose_cfg: C
     assert image_maml.model._target_ == "metalearn.models.conv.Conv4" and image_maml.model.out_features == 5
     assert compose_cfg("dataset=omniglot", "model=resnet12").model._target_ == "metalearn.models.resnet.ResNet12"
     assert compose_cfg("algorithm=protonet", "dataset=omniglot", "model.out_features=7").model.out_features == 7
+
+
+# Option files of a class that serves in another role than its defaults are made for, with why.
+INTENDED = {
+    ("algorithm/inner_optimizer/lstm.yaml", "output_scale"): "MAML's inner step on sinusoids; 0.1 is for algorithm=l2o",
+    ("model/policy_mlp.yaml", "hidden_sizes"): "the MAML-RL paper's policy; [40, 40] is the sinusoid regressor",
+}
+
+
+def _plain(value: object) -> object:
+    """Tuples as lists, nested too, as YAML writes them."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _targets(group: str) -> list[Path]:
+    return sorted(p for p in (CONF_DIR / group).rglob("*.yaml") if "_target_:" in p.read_text())
+
+
+@pytest.mark.parametrize("path", _targets("algorithm") + _targets("model"),
+                         ids=lambda p: str(p.relative_to(CONF_DIR)))
+def test_option_values_are_the_constructors_defaults(path: Path) -> None:
+    """An option file states its class's settings so that `--cfg job` shows them and the command line can
+    set them; a value there that a Python default contradicts would make the Python API train something
+    else than the command. Each plain value equals the constructor's default for that argument (an
+    argument without a default, an interpolation or a nested object is not compared)."""
+    node = OmegaConf.load(path)
+    target = node.get("_target_") if "_target_" in node else None
+    if target is None:  # an option inheriting its target through `defaults`
+        return
+    parameters = inspect.signature(get_class(str(target))).parameters
+    differ = []
+    for key in node:
+        if key in ("_target_", "defaults", "_partial_") or str(key) not in parameters:
+            continue
+        default = parameters[str(key)].default
+        if default is inspect.Parameter.empty or OmegaConf.is_interpolation(node, str(key)):
+            continue
+        value = OmegaConf.to_container(node)[str(key)]  # type: ignore[index]
+        if isinstance(value, dict):
+            continue
+        if _plain(value) != _plain(default) and (str(path.relative_to(CONF_DIR)), str(key)) not in INTENDED:
+            differ.append(f"{key}: {value!r} in the file, {default!r} in {target}")
+    assert differ == []

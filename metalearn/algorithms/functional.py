@@ -46,7 +46,9 @@ def detach_all(tensors: Mapping[str, Tensor]) -> Params:
 
 class InnerOptimizer(Protocol):
     """A functional optimizer for inner loops: pure functions of tensors, so that the outer pass can
-    differentiate through its updates (and `torch.func.vmap` can batch them)."""
+    differentiate through its updates (and `torch.func.vmap` can batch them). The options of the
+    `algorithm/inner_optimizer` config group build one: InnerSGD, InnerAdam, or a learned update rule
+    (a module, which MAML wraps in InnerLearned)."""
 
     def init(self, params: Mapping[str, Tensor]) -> Any:
         """The optimizer state before the first step."""
@@ -77,9 +79,9 @@ class InnerAdam:
 
     def __init__(self, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"inner_betas={list(betas)!r}: must be two numbers in [0, 1)")
+            raise ValueError(f"betas={list(betas)!r}: must be two numbers in [0, 1)")
         if not eps > 0:
-            raise ValueError(f"inner_eps={eps!r}: must be positive")
+            raise ValueError(f"eps={eps!r}: must be positive")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
 
@@ -178,12 +180,3 @@ class InnerLearned:
         update, state = self.rule.step_unfused(flat, state)
         parts = update.split([p.numel() for p in params.values()])
         return {name: p + part.view_as(p) for (name, p), part in zip(params.items(), parts, strict=True)}, state
-
-
-def make_inner_optimizer(name: str, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
-    """The inner optimizer called `name` (sgd or adam)."""
-    if name == "sgd":
-        return InnerSGD()
-    if name == "adam":
-        return InnerAdam(betas, eps)
-    raise ValueError(f"inner_optimizer={name!r}: must be one of sgd, adam")

@@ -12,7 +12,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,12 @@ from metalearn.algorithms.base import FewShotLearner, StepResult, TaskScores
 from metalearn.algorithms.functional import (
     InnerLearned,
     InnerOptimizer,
+    InnerSGD,
     LearningRate,
     Params,
     buffers_of,
     detach_all,
     forward_with,
-    make_inner_optimizer,
     params_of,
 )
 from metalearn.checks import non_negative_float, positive_int, true_false_auto
@@ -68,10 +68,11 @@ class MAML(FewShotLearner):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (defaults to `inner_steps`).
         first_order: treat inner gradients as constants (FOMAML).
-        inner_optimizer: `sgd` (the paper's), `adam` (differentiable; `inner_betas`, `inner_eps`), or a
-            learned update rule (a module such as metalearn.l2o.optimizer.LSTMOptimizer): its weights are
-            meta-parameters, learned with the initialisation through the inner steps (`inner_lr` unused).
-        inner_betas, inner_eps: Adam's moment decay rates and epsilon.
+        inner_optimizer: the inner loop's optimizer: InnerSGD (the paper's; None means it), InnerAdam
+            (differentiable, so second order flows through it), or a learned update rule (a module such as
+            metalearn.l2o.optimizer.LSTMOptimizer): its weights are meta-parameters, learned with the
+            initialisation through the inner steps (`inner_lr` unused). In a config, the
+            `algorithm/inner_optimizer` group chooses it (sgd, adam, lstm).
         inner_optimizer_checkpoint: a learned optimizer's run (algorithm=l2o) or checkpoint file whose
             weights the learned update rule starts from (a run directory: its best checkpoint).
         learn_inner_optimizer: meta-learn the learned update rule's weights (false: keep them fixed).
@@ -93,9 +94,7 @@ class MAML(FewShotLearner):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
-        inner_optimizer: str | nn.Module = "sgd",
-        inner_betas: Sequence[float] = (0.9, 0.999),
-        inner_eps: float = 1e-8,
+        inner_optimizer: InnerOptimizer | nn.Module | None = None,
         inner_optimizer_checkpoint: str | None = None,
         learn_inner_optimizer: bool = True,
         second_order_steps: int | None = None,
@@ -109,6 +108,10 @@ class MAML(FewShotLearner):
         )
         self.first_order = bool(first_order)
         self.optimizer: InnerOptimizer
+        if isinstance(inner_optimizer, str):
+            raise ValueError(f"inner_optimizer={inner_optimizer!r}: an object, not a name; in a config choose it "
+                             f"with algorithm/inner_optimizer={inner_optimizer} "
+                             "(options: conf/algorithm/inner_optimizer/)")
         if isinstance(inner_optimizer, nn.Module):
             self.optimizer = InnerLearned(inner_optimizer)
             self.inner_rule = inner_optimizer  # a submodule: trained and checkpointed with the model
@@ -116,10 +119,11 @@ class MAML(FewShotLearner):
                 load_update_rule(inner_optimizer, Path(inner_optimizer_checkpoint).expanduser())
             inner_optimizer.requires_grad_(bool(learn_inner_optimizer))
         else:
+            self.optimizer = InnerSGD() if inner_optimizer is None else inner_optimizer
             if inner_optimizer_checkpoint is not None:
                 raise ValueError(f"inner_optimizer_checkpoint={inner_optimizer_checkpoint!r}: needs a learned "
-                                 f"inner_optimizer (e.g. algorithm=maml_lstm), not {inner_optimizer!r}")
-            self.optimizer = make_inner_optimizer(inner_optimizer, inner_betas, inner_eps)
+                                 f"inner_optimizer (e.g. algorithm=maml_lstm), not "
+                                 f"{type(self.optimizer).__name__}")
         self.second_order_steps = (None if second_order_steps is None
                                    else positive_int("second_order_steps", second_order_steps))
         self.vectorize = choose_vectorize(model, vectorize)

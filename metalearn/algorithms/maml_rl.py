@@ -4,15 +4,15 @@ Inner loop: vanilla policy gradient (REINFORCE with a linear feature baseline fi
 episodes, advantages normalised per task) on `episodes` trajectories of the task, `inner_steps` SGD
 steps of size `inner_lr` on every policy parameter, the Gaussian's log standard deviation included.
 
-Outer loop, on fresh trajectories of each adapted policy:
-- `outer=trpo` (the paper's): the importance-weighted surrogate of the post-adaptation returns,
-  differentiated through the inner policy-gradient steps (second order unless `first_order`),
-  minimised by a TRPO step: conjugate gradient on Fisher-vector products of the mean KL between the
+Outer loop, on fresh trajectories of each adapted policy: the importance-weighted surrogate of the
+post-adaptation returns, differentiated through the inner policy-gradient steps (second order unless
+`first_order`), improved by the `outer` step (metalearn/rl/outer.py; the `algorithm/outer` config group):
+- `TRPO` (the paper's): conjugate gradient on Fisher-vector products of the mean KL between the
   adapted policies before and after the step (products that also run through the inner steps), the
   step scaled to `max_kl` and a backtracking line search.
-- `outer=ppo`: `ppo_epochs` steps of the trainer's optimizer on PPO's clipped surrogate
-  (Schulman et al., 2017), each re-adapting from the current meta-parameters.
-- `outer=vpg`: the meta-gradient of the surrogate, one step of the trainer's optimizer.
+- `PPO`: `epochs` steps of the trainer's optimizer on PPO's clipped surrogate (Schulman et al., 2017),
+  each re-adapting from the current meta-parameters.
+- `VPG`: the meta-gradient of the surrogate, one step of the trainer's optimizer.
 
 As in the paper's code, the meta-gradient runs through the inner update's dependence on the
 meta-parameters but not through the distribution of the pre-adaptation trajectories.
@@ -44,6 +44,7 @@ from metalearn.algorithms.policy import PolicyLearner
 from metalearn.checks import positive_int
 from metalearn.objectives import Objective
 from metalearn.rl.envs import Navigation2D
+from metalearn.rl.outer import TRPO, OuterStep, Surrogate
 from metalearn.rl.pictures import navigation_figure
 from metalearn.rl.rollout import (
     Trajectories,
@@ -56,10 +57,7 @@ from metalearn.rl.rollout import (
     rollout,
 )
 from metalearn.rl.tasks import EnvTaskBatch
-from metalearn.rl.trpo import trpo_update
 from metalearn.tasks import TaskSampler
-
-OUTERS = ("trpo", "ppo", "vpg")
 
 
 class TaskData(NamedTuple):
@@ -79,35 +77,32 @@ class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
         objective: the task family's objective (returns).
         inner_lr: step size of the inner policy-gradient steps.
         inner_steps: inner steps during meta-training (0: no adaptation, the pretrained baseline).
-        eval_inner_steps: inner steps at evaluation (default: `inner_steps`, at least 1).
+        eval_inner_steps: inner steps at evaluation (3: returns after 0-3 steps, as the paper reports them;
+            None: `inner_steps`, at least 1).
         eval_inner_lrs: the step size of each evaluation step (the last one repeats for further steps);
             None: `inner_lr` for every step.
         episodes: trajectories per task for each inner step and for the outer objective.
         eval_episodes: trajectories per task for each step at evaluation (default: `episodes`).
         gamma / gae_lambda: discount and GAE λ of the advantages (λ = 1: returns minus the baseline).
         first_order: drop the second-order terms of the meta-gradient.
-        outer: trpo, ppo or vpg (see the module docstring).
-        max_kl, cg_iterations, cg_damping, line_search_steps, line_search_backtrack: TRPO's settings.
-        ppo_clip / ppo_epochs: PPO's clipping range and optimizer steps per meta-batch.
+        outer: the outer step, an object of metalearn/rl/outer.py: TRPO (the paper's; None means
+            TRPO()), PPO or VPG. In a config, the `algorithm/outer` group chooses it (trpo, ppo, vpg).
         init_std: the Gaussian policy's initial standard deviation (continuous actions).
     """
 
     def __init__(self, model: nn.Module, objective: Objective, inner_lr: float = 0.1, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, eval_inner_lrs: Sequence[float] | None = None,
+                 eval_inner_steps: int | None = 3, eval_inner_lrs: Sequence[float] | None = None,
                  episodes: int = 20, eval_episodes: int | None = None, gamma: float = 0.99,
-                 gae_lambda: float = 1.0, first_order: bool = False, outer: str = "trpo", max_kl: float = 0.01,
-                 cg_iterations: int = 10, cg_damping: float = 1e-5, line_search_steps: int = 15,
-                 line_search_backtrack: float = 0.8, ppo_clip: float = 0.2, ppo_epochs: int = 5,
+                 gae_lambda: float = 1.0, first_order: bool = False, outer: OuterStep | None = None,
                  init_std: float = 1.0) -> None:
         super().__init__(model, objective)
-        if outer not in OUTERS:
-            raise ValueError(f"outer={outer!r}: must be one of {', '.join(OUTERS)}")
+        if isinstance(outer, str):
+            raise ValueError(f"outer={outer!r}: an object, not a name; in a config choose it with "
+                             f"algorithm/outer={outer} (options: conf/algorithm/outer/)")
         if inner_steps < 0:
             raise ValueError(f"inner_steps={inner_steps}: must be >= 0")
         if not (0 < gamma <= 1 and 0 <= gae_lambda <= 1):
             raise ValueError(f"gamma={gamma}, gae_lambda={gae_lambda}: need 0 < gamma <= 1 and 0 <= gae_lambda <= 1")
-        if not max_kl > 0:
-            raise ValueError(f"max_kl={max_kl}: must be > 0")
         if not init_std > 0:
             raise ValueError(f"init_std={init_std}: must be > 0")
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
@@ -120,11 +115,8 @@ class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
         if not lrs or not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
             raise ValueError(f"eval_inner_lrs={eval_inner_lrs!r}: must be a non-empty list of step sizes >= 0")
         self.eval_inner_lrs = lrs
-        self.gamma, self.gae_lambda, self.first_order, self.outer = gamma, gae_lambda, first_order, outer
-        self.max_kl, self.cg_iterations, self.cg_damping = max_kl, positive_int("cg_iterations", cg_iterations), \
-            cg_damping
-        self.line_search_steps, self.line_search_backtrack = line_search_steps, line_search_backtrack
-        self.ppo_clip, self.ppo_epochs = ppo_clip, positive_int("ppo_epochs", ppo_epochs)
+        self.gamma, self.gae_lambda, self.first_order = gamma, gae_lambda, first_order
+        self.outer: OuterStep = TRPO() if outer is None else outer
         self.init_std = init_std
         self.log_std: nn.Parameter | None = None
 
@@ -248,17 +240,11 @@ class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
 
     # -- the outer loop -------------------------------------------------------------------------------
     def outer_terms(self, params: Params, shared: bool, post: TaskData, old_log_prob: Tensor, old_out: Tensor,
-                    old_log_std: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean over tasks of: the importance-weighted surrogate mean ratio·A, PPO's clipped version, and the
-        mean KL(old ‖ new) over each task's steps."""
+                    old_log_std: Tensor | None) -> Surrogate:
+        """The importance ratios, advantages and KL(old ‖ new) of every step of the post-adaptation
+        trajectories under `params`."""
         observations, actions, advantages, mask = post
-        count = mask.sum((1, 2)).clamp_min(1.0)
-
-        def per_task(values: Tensor) -> Tensor:
-            return ((values * mask).sum((1, 2)) / count).mean()
-
         ratio = (self._log_prob_by_task(params, shared, observations, actions) - old_log_prob).exp()
-        clipped = torch.min(ratio * advantages, ratio.clamp(1 - self.ppo_clip, 1 + self.ppo_clip) * advantages)
         out = self._outputs_by_task(params, shared, observations)
         if self._env().discrete:
             old = old_out.log_softmax(-1)
@@ -267,12 +253,12 @@ class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
             assert old_log_std is not None
             log_std = params["log_std"] if shared else params["log_std"].view(len(out), 1, 1, -1)
             kl = gaussian_kl(old_out, old_log_std.view(len(out), 1, 1, -1), out, log_std)
-        return per_task(ratio * advantages), per_task(clipped), per_task(kl)
+        return Surrogate(ratio, advantages, kl, mask)
 
     def update(self, batch: EnvTaskBatch, optimizer: torch.optim.Optimizer) -> tuple[StepResult, float]:
-        """One meta-update on `batch` by the outer rule: a TRPO step (its own rule), PPO's epochs of
+        """One meta-update on `batch` by the outer step: a TRPO step (its own rule), PPO's epochs of
         `optimizer` steps on the clipped surrogate, or one `optimizer` step on the policy-gradient
-        surrogate (vpg). Returns the metrics and the update's length (vpg: the gradient's norm)."""
+        surrogate (VPG). Returns the metrics and the update's length (VPG: the gradient's norm)."""
         adapted, shared, data, returns = self._adapt_all(batch, self.inner_steps, purpose=0)
         trajectories = self.sample(batch, adapted, shared, purpose=self.inner_steps)
         post = self.task_data(trajectories, self._advantages(trajectories))
@@ -285,29 +271,11 @@ class MAMLRL(PolicyLearner, SelfUpdating[EnvTaskBatch]):
             if "log_std" in adapted:
                 old_log_std = adapted["log_std"].expand(len(batch), -1).clone()  # not a view: TRPO writes in place
 
-        def terms() -> tuple[Tensor, Tensor, Tensor]:
+        def surrogate() -> Surrogate:
             params, now_shared = self.readapt(data)
             return self.outer_terms(params, now_shared, post, old_log_prob, old_out, old_log_std)
 
-        meta_params = list(self.policy_params().values())
-        if self.outer == "trpo":
-            norm = trpo_update(meta_params, lambda: -terms()[0], lambda: terms()[2], self.max_kl, self.cg_damping,
-                               self.cg_iterations, self.line_search_backtrack, self.line_search_steps).step_norm
-            for p in meta_params:
-                p.grad = None
-        elif self.outer == "ppo":
-            before = torch.cat([p.detach().reshape(-1) for p in meta_params]).clone()
-            for _ in range(self.ppo_epochs):
-                optimizer.zero_grad(set_to_none=True)
-                (-terms()[1]).backward()
-                optimizer.step()
-            norm = float((torch.cat([p.detach().reshape(-1) for p in meta_params]) - before).norm())
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            (-terms()[0]).backward()
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], math.inf).item()
-            optimizer.step()
+        norm = self.outer(list(self.policy_params().values()), surrogate, optimizer)
         result = StepResult(meta_loss=-post_return, meta_loss_pre=-pre_return, score=post_return, score_pre=pre_return)
         return result, norm
 

@@ -15,14 +15,21 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metalearn.algorithms.base import StepResult
-from metalearn.algorithms.functional import CarriedState, Params, forward_with, params_of
+from metalearn.algorithms.functional import (
+    CarriedState,
+    InnerAdam,
+    InnerOptimizer,
+    InnerSGD,
+    Params,
+    forward_with,
+    params_of,
+)
 from metalearn.algorithms.maml import MAML
 from metalearn.checks import one_of, positive_int, true_false_auto
 from metalearn.objectives import Objective
@@ -60,8 +67,7 @@ class Reptile(MAML):
         inner_lr: step size of the inner optimizer (the paper's Adam: 0.001).
         inner_steps: inner steps during meta-training (the paper: 5 on Omniglot, 8 on Mini-ImageNet).
         eval_inner_steps: inner steps at evaluation (the paper: 50); None: `inner_steps`.
-        inner_optimizer: `sgd` or `adam` (the paper's, with `inner_betas` = [0, 0.999]).
-        inner_betas, inner_eps: Adam's moment decay rates and epsilon.
+        inner_optimizer: InnerSGD, or InnerAdam (the paper's, with betas (0, 0.999); None means it).
         inner_state: where each task's inner optimizer state (Adam's moments and step count) starts.
             `carried` (the paper's code): meta-training carries it from each task to the next, in
             order through the meta-batch and across meta-steps, and evaluation starts every task from
@@ -88,9 +94,7 @@ class Reptile(MAML):
         inner_lr: float = 0.001,
         inner_steps: int = 5,
         eval_inner_steps: int | None = 50,
-        inner_optimizer: str = "adam",
-        inner_betas: Sequence[float] = (0.0, 0.999),
-        inner_eps: float = 1e-8,
+        inner_optimizer: InnerOptimizer | None = None,
         inner_state: str = "carried",
         inner_batch_size: int | None = None,
         eval_inner_batch_size: int | None = None,
@@ -104,13 +108,15 @@ class Reptile(MAML):
             raise ValueError(f"second_order_steps={second_order_steps!r}: Reptile never differentiates through "
                              "the inner loop; must be null")
         self.inner_state = one_of("inner_state", inner_state, INNER_STATES)
-        carried = self.inner_state == "carried" and inner_optimizer != "sgd"
+        if inner_optimizer is None:
+            inner_optimizer = InnerAdam(betas=(0.0, 0.999))
+        carried = self.inner_state == "carried" and not isinstance(inner_optimizer, InnerSGD)
         if carried and vectorize is True:
             raise ValueError("vectorize=True: inner_state=carried passes the inner optimizer's state from task "
                              "to task, in order; it needs vectorize=false or auto (or inner_state=task)")
         super().__init__(model, objective, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=True, inner_optimizer=inner_optimizer,
-                         inner_betas=inner_betas, inner_eps=inner_eps, vectorize=False if carried else vectorize)
+                         vectorize=False if carried else vectorize)
         self.carried: CarriedState | None = None
         if carried:
             self.optimizer = self.carried = CarriedState(self.optimizer)

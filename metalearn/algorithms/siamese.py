@@ -1,12 +1,14 @@
 """Siamese networks: learn a similarity of two images from same/different pairs, then classify a query
 by its most similar support image.
 
-The model is an embedding network f shared by both images of a pair ("twin" networks). Two pair losses:
+The model is an embedding network f shared by both images of a pair ("twin" networks). The pair loss is
+an object (the `algorithm/loss` config group) that gives the similarity of two embeddings, the loss of
+a pair and the decision boundary. Two are here:
 
-* koch (Koch et al., 2015): the probability that a pair is of one class is
+* KochLoss (Koch et al., 2015): the probability that a pair is of one class is
   p = sigmoid(sum_j alpha_j |f_j(x1) - f_j(x2)| + b), with learned weights alpha (one per embedding
   entry) and bias b, trained with binary cross-entropy. The similarity is the logit.
-* contrastive (Hadsell et al., 2006): with d = ||f(x1) - f(x2)||, the loss is d^2 / 2 for a same-class
+* ContrastiveLoss (Hadsell et al., 2006): with d = ||f(x1) - f(x2)||, the loss is d^2 / 2 for a same-class
   pair and max(0, margin - d)^2 / 2 for a different-class pair. The similarity is -d.
 
 Few-shot classification (Koch's one-shot protocol, extended to k shots by nearest neighbour): a class's
@@ -24,7 +26,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +35,10 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import StepResult
 from metalearn.algorithms.functional import Params
 from metalearn.algorithms.metric import MetricLearner, class_members
-from metalearn.checks import one_of, positive_float
+from metalearn.checks import positive_float
 from metalearn.objectives import Objective
 from metalearn.tasks import PairBatch, TaskBatch, TaskSampler, drawer, probe
 
-LOSSES = ("koch", "contrastive")
 # Added to the squared distance under the square root: the derivative of sqrt(s) is infinite at s = 0,
 # and 0 * inf = NaN would be the gradient of a pair of identical embeddings. With it the derivative of
 # d with respect to the embeddings has norm below 1 everywhere (zero at identical embeddings), and d
@@ -50,20 +51,83 @@ def contrastive_loss(distance: Tensor, same: Tensor, margin: float) -> Tensor:
     return same * distance.pow(2) / 2 + (1 - same) * F.relu(margin - distance).pow(2) / 2
 
 
+class PairLoss(Protocol):
+    """How a Siamese network scores and trains on pairs of embeddings."""
+
+    # The similarity on the decision boundary: a pair above it is verified as same-class.
+    boundary: float
+    # The names of the meta-parameters `parameters` makes, which the learner holds as its own.
+    parameter_names: tuple[str, ...]
+
+    def parameters(self, size: int, like: Tensor) -> dict[str, Tensor]:
+        """The loss's own meta-parameters for embeddings of `size` entries (learned with the network)."""
+
+    def similarity(self, first: Tensor, second: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Similarity of embeddings [..., d] (broadcast against each other)."""
+
+    def __call__(self, similarity: Tensor, same: Tensor) -> Tensor:
+        """Per-pair loss of similarities and same-class indicators (1.0 / 0.0) of the same shape."""
+
+
+class KochLoss:
+    """Koch et al.'s verification loss: p = sigmoid(sum_j alpha_j |f_j(x1) - f_j(x2)| + b), binary
+    cross-entropy; the similarity is the logit, the boundary p = 1/2. alpha (one weight per embedding
+    entry) and b are learned with the network."""
+
+    boundary: float = 0.0
+    parameter_names: tuple[str, ...] = ("alpha", "bias")
+
+    def parameters(self, size: int, like: Tensor) -> dict[str, Tensor]:
+        """alpha_j = -1/size and b = 0 (see Siamese): the untrained logit is minus the mean absolute difference."""
+        return {"alpha": torch.full((size,), -1.0 / size, device=like.device, dtype=like.dtype),
+                "bias": torch.zeros((), device=like.device, dtype=like.dtype)}
+
+    def similarity(self, first: Tensor, second: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return ((first - second).abs() * params["alpha"]).sum(-1) + params["bias"]
+
+    def __call__(self, similarity: Tensor, same: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(similarity, same, reduction="none")
+
+
+class ContrastiveLoss:
+    """Hadsell et al.'s contrastive loss on the Euclidean distance d: d^2 / 2 for a same-class pair,
+    max(0, margin - d)^2 / 2 for a different-class one; the similarity is -d.
+
+    Args:
+        margin: different-class pairs closer than this are pushed apart; a pair is verified as
+            same-class when d < margin / 2.
+    """
+
+    parameter_names: tuple[str, ...] = ()
+
+    def __init__(self, margin: float = 1.0) -> None:
+        self.margin = positive_float("margin", margin)
+        self.boundary = -self.margin / 2
+
+    def parameters(self, size: int, like: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def similarity(self, first: Tensor, second: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return -((first - second).pow(2).sum(-1) + EPS).sqrt()
+
+    def __call__(self, similarity: Tensor, same: Tensor) -> Tensor:
+        return contrastive_loss(-similarity, same, self.margin)
+
+
 class Siamese(MetricLearner[TaskBatch | PairBatch]):
     """Siamese networks; the model is the embedding network (normally without a head).
 
     Args:
         model: the embedding network f; its outputs, flattened, are the embeddings.
         objective: must be classification.
-        loss: `koch` (learned weighted L1 distance, sigmoid, binary cross-entropy) or `contrastive`
-            (Euclidean distance with a margin).
-        margin: contrastive only: different-class pairs closer than this are pushed apart. A pair is
-            verified as same-class when d < margin / 2.
+        loss: the pair loss: KochLoss (learned weighted L1 distance, sigmoid, binary cross-entropy; None
+            means it) or ContrastiveLoss (Euclidean distance with a margin). In a config, the
+            `algorithm/loss` group chooses it (koch, contrastive).
         pairs: train on `PairBatch`es of image pairs drawn from the training classes (Koch's protocol); False:
             on episodes, every (query, support) pair of each episode being a training pair.
 
-    `setup(tasks)` creates Koch's alpha (sized by probing the model with a validation episode) and b.
+    `setup(tasks)` creates the loss's parameters, Koch's alpha (sized by probing the model with a
+    validation episode) and b, as the learner's own (`alpha`, `bias`).
     They start at alpha_j = -1/size and b = 0: the untrained logit is minus the mean absolute difference,
     so even the untrained network classifies by L1 nearest neighbour, and no random numbers are drawn.
     Koch draws alpha from N(0, 0.2^2): a random-sign weighting that classifies at chance until trained
@@ -84,50 +148,45 @@ class Siamese(MetricLearner[TaskBatch | PairBatch]):
     alpha: nn.Parameter | None
     bias: nn.Parameter | None
 
-    def __init__(self, model: nn.Module, objective: Objective, loss: str = "koch", margin: float = 1.0,
+    def __init__(self, model: nn.Module, objective: Objective, loss: PairLoss | None = None,
                  pairs: bool = True) -> None:
         super().__init__(model, objective)
-        self.loss = one_of("loss", loss, LOSSES)
-        self.margin = positive_float("margin", margin)
+        if isinstance(loss, str):
+            raise ValueError(f"loss={loss!r}: an object, not a name; in a config choose it with "
+                             f"algorithm/loss={loss} (options: conf/algorithm/loss/)")
+        self.loss: PairLoss = KochLoss() if loss is None else loss
         self.pairs = bool(pairs)
-        self.register_parameter("alpha", None)
-        self.register_parameter("bias", None)
+        for name in self.loss.parameter_names:
+            self.register_parameter(name, None)
 
     def setup(self, tasks: TaskSampler) -> None:
-        """Check that the task family draws pairs (with `pairs`); koch: create alpha [embedding size] and b
-        (once); contrastive has no meta-parameters of its own."""
+        """Check that the task family draws pairs (with `pairs`); create the loss's parameters (Koch's
+        alpha [embedding size] and b) once; contrastive has none."""
         if self.pairs:
             drawer(tasks, "sample_pairs", "pairs")
-        if self.loss != "koch":
+        if not self.loss.parameter_names:
             return
         out = probe(self.model, tasks)
-        size = out[0].numel()
-        if self.alpha is not None:
-            if self.alpha.numel() != size:
-                raise ValueError(f"the model's embedding has {size} entries, but alpha was made for "
-                                 f"{self.alpha.numel()}")
-            return
-        self.alpha = nn.Parameter(torch.full((size,), -1.0 / size, device=out.device, dtype=out.dtype))
-        self.bias = nn.Parameter(torch.zeros((), device=out.device, dtype=out.dtype))
+        for name, value in self.loss.parameters(out[0].numel(), out).items():
+            current = getattr(self, name)
+            if current is None:
+                setattr(self, name, nn.Parameter(value))
+            elif current.shape != value.shape:
+                raise ValueError(f"the model's embedding has {out[0].numel()} entries, but {name} was made for "
+                                 f"{current.numel()}")
 
     def similarity(self, first: Tensor, second: Tensor) -> Tensor:
-        """Similarity of embeddings [..., d] (broadcast against each other): Koch's logit, or -distance."""
-        if self.loss == "contrastive":
-            return -((first - second).pow(2).sum(-1) + EPS).sqrt()
-        if self.alpha is None or self.bias is None:
-            raise RuntimeError("Siamese(loss='koch') has no alpha yet: call setup(tasks) first (metalearn.compose "
-                               "does), which sizes it from the model's embedding")
-        return ((first - second).abs() * self.alpha).sum(-1) + self.bias
-
-    def pair_loss(self, similarity: Tensor, same: Tensor) -> Tensor:
-        """Per-pair loss of similarities and same-class indicators (1.0 / 0.0) of the same shape."""
-        if self.loss == "contrastive":
-            return contrastive_loss(-similarity, same, self.margin)
-        return F.binary_cross_entropy_with_logits(similarity, same, reduction="none")
+        """Similarity of embeddings [..., d] (broadcast against each other) under the loss: Koch's logit,
+        or -distance."""
+        params = {name: getattr(self, name) for name in self.loss.parameter_names}
+        if any(p is None for p in params.values()):
+            raise RuntimeError(f"Siamese({type(self.loss).__name__}) has no alpha yet: call setup(tasks) first "
+                               "(metalearn.compose does), which sizes it from the model's embedding")
+        return self.loss.similarity(first, second, params)
 
     def predicts_same(self, similarity: Tensor) -> Tensor:
-        """Whether each pair is verified as same-class: p > 1/2 (koch) or d < margin / 2 (contrastive)."""
-        return similarity > (-self.margin / 2 if self.loss == "contrastive" else 0.0)
+        """Whether each pair is verified as same-class: above the loss's boundary (p > 1/2, d < margin / 2)."""
+        return similarity > self.loss.boundary
 
     def fit(self, support: Tensor, support_y: Tensor, n_way: int) -> Params:
         """{"support": the flattened support embeddings [T, n, d], "members": [T, n, n_way], whether each
@@ -158,12 +217,12 @@ class Siamese(MetricLearner[TaskBatch | PairBatch]):
             first, second = query.flatten(2).unsqueeze(2), support.flatten(2).unsqueeze(1)  # -> [T, Q, S] pairs
             same = (batch.query_y.unsqueeze(2) == batch.support_y.unsqueeze(1)).to(first.dtype)
         similarity = self.similarity(first, second)
-        loss = self.pair_loss(similarity, same).mean()
+        loss = self.loss(similarity, same).mean()
         loss.backward()
         accuracy = (self.predicts_same(similarity.detach()) == same.bool()).to(same.dtype).mean()
         if self.measure_pre_adaptation:
-            boundary = torch.full_like(same, -self.margin / 2 if self.loss == "contrastive" else 0.0)
-            loss_pre = self.pair_loss(boundary, same).mean().item()
+            boundary = torch.full_like(same, self.loss.boundary)
+            loss_pre = self.loss(boundary, same).mean().item()
             score_pre = (self.predicts_same(boundary) == same.bool()).to(same.dtype).mean().item()
         else:
             loss_pre = score_pre = math.nan

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from metalearn import runtime
 from metalearn.algorithms.anil import ANIL
+from metalearn.algorithms.functional import InnerSGD
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.mamlpp import MAMLPlusPlus
 from metalearn.algorithms.matching import MatchingNet
@@ -83,7 +84,7 @@ def test_compiled_variants_equal_eager(name: str) -> None:
         "mamlpp": (lambda m: MAMLPlusPlus(m, Classification(), inner_steps=2), "batch_per_step"),
         # SGD inside: Adam would turn the rounding noise of zero gradients (conv biases before BatchNorm)
         # into full-size steps of either sign.
-        "reptile": (lambda m: Reptile(m, Classification(), inner_steps=3, inner_optimizer="sgd", inner_lr=0.1),
+        "reptile": (lambda m: Reptile(m, Classification(), inner_steps=3, inner_optimizer=InnerSGD(), inner_lr=0.1),
                     "batch"),
     }
     make, norm = makers[name]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.functional import Params
+from metalearn.algorithms.functional import InnerAdam, Params
 from metalearn.algorithms.maml import MAML
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.objectives import Regression
@@ -327,8 +327,8 @@ INVALID_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
     ("inner_steps=True", {"inner_steps": True}),
     ("eval_inner_steps=-2", {"eval_inner_steps": -2}),
     ("eval_inner_steps=0", {"eval_inner_steps": 0}),
-    ("inner_optimizer='rmsprop'", {"inner_optimizer": "rmsprop"}),
-    ("inner_betas=[1.0, 0.999]", {"inner_optimizer": "adam", "inner_betas": (1.0, 0.999)}),
+    ("inner_optimizer='adam': an object, not a name; in a config choose it with algorithm/inner_optimizer=adam",
+     {"inner_optimizer": "adam"}),
     ("second_order_steps=0", {"second_order_steps": 0}),
 ]
 
@@ -341,6 +341,13 @@ def test_invalid_arguments_raise_value_error_naming_them(message: str, kwargs: d
     """Invalid inner_lr / inner_steps / eval_inner_steps raise ValueError whose message names them."""
     with pytest.raises(ValueError, match=re.escape(message)):
         MAML(nn.Linear(1, 1), Regression(), **kwargs)
+
+
+def test_invalid_inner_adam_settings_raise_value_error_naming_them() -> None:
+    with pytest.raises(ValueError, match=re.escape("betas=[1.0, 0.999]: must be two numbers in [0, 1)")):
+        InnerAdam(betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match=re.escape("eps=0.0: must be positive")):
+        InnerAdam(eps=0.0)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -390,8 +397,8 @@ def test_inner_adam_matches_torch_adam(vectorize: bool) -> None:
     """Three inner Adam steps equal torch.optim.Adam's on the same support loss."""
     model = tiny_tanh_mlp()
     task = sinusoid_batch(1, seed=5)[0]
-    algorithm = MAML(model, Regression(), inner_lr=0.03, inner_steps=3, inner_optimizer="adam",
-                     inner_betas=(0.5, 0.9), vectorize=vectorize)
+    algorithm = MAML(model, Regression(), inner_lr=0.03, inner_steps=3, inner_optimizer=InnerAdam(betas=(0.5, 0.9)),
+                     vectorize=vectorize)
     adapted = algorithm.adapt(task)
     reference = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
     optimizer = torch.optim.Adam(reference.values(), lr=0.03, betas=(0.5, 0.9), eps=1e-8)
@@ -409,7 +416,8 @@ def test_second_order_through_inner_adam_matches_finite_differences(vectorize: b
     post-adaptation query loss (which the test above ties to torch's Adam)."""
     model = tiny_tanh_mlp()
     batch = sinusoid_batch(2, seed=6)
-    algorithm = MAML(model, Regression(), inner_lr=0.02, inner_steps=2, inner_optimizer="adam", vectorize=vectorize)
+    algorithm = MAML(model, Regression(), inner_lr=0.02, inner_steps=2, inner_optimizer=InnerAdam(),
+                     vectorize=vectorize)
     grads, result = meta_grads(algorithm, batch)
     numeric = central_differences(model, lambda: algorithm.evaluate(batch).loss.mean().item())
     assert result.meta_loss == pytest.approx(algorithm.evaluate(batch).loss.mean().item(), rel=1e-10)

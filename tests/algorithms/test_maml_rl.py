@@ -10,6 +10,7 @@ import torch
 from metalearn.algorithms.maml_rl import MAMLRL, TaskData
 from metalearn.models.mlp import MLP
 from metalearn.rl.envs import Bandit, Navigation2D
+from metalearn.rl.outer import PPO, TRPO, VPG, Surrogate
 from metalearn.rl.tasks import EnvTaskBatch, EnvTasks
 from metalearn.tasks import fixed_batches
 
@@ -75,7 +76,7 @@ def test_meta_gradient_through_the_inner_step_matches_finite_differences(env: Na
 
 
 def test_trpo_meta_step_keeps_the_kl_and_improves_the_surrogate() -> None:
-    tasks, algorithm = make(inner_lr=0.1, episodes=4, max_kl=0.01)
+    tasks, algorithm = make(inner_lr=0.1, episodes=4, outer=TRPO(max_kl=0.01))
     before = {k: v.detach().clone() for k, v in algorithm.policy_params().items()}
     optimizer = torch.optim.Adam(algorithm.parameters())  # not used by TRPO's own step
     result, norm = algorithm.update(tasks.sample(3, "train", torch.Generator().manual_seed(2)), optimizer)
@@ -84,6 +85,34 @@ def test_trpo_meta_step_keeps_the_kl_and_improves_the_surrogate() -> None:
     assert all(not state for state in optimizer.state.values())
     assert all(p.grad is None for p in algorithm.parameters())  # it stepped itself
     assert result.score == -result.meta_loss
+
+
+@pytest.mark.parametrize("outer", [PPO(clip=0.2, epochs=3), VPG()], ids=["ppo", "vpg"])
+def test_optimizer_outer_steps_move_by_what_they_report(outer: PPO | VPG) -> None:
+    """PPO and VPG step the trainer's optimizer (plain SGD here): the weights move, the reported norm is the
+    whole move (PPO) or the meta-gradient's norm, which SGD with lr 1 moves by (VPG), and no gradient is
+    left behind by PPO."""
+    tasks, algorithm = make(inner_lr=0.1, episodes=4, outer=outer)
+    before = torch.cat([v.detach().reshape(-1).clone() for v in algorithm.policy_params().values()])
+    optimizer = torch.optim.SGD(algorithm.parameters(), lr=1.0 if isinstance(outer, VPG) else 0.01)
+    _, norm = algorithm.update(tasks.sample(3, "train", torch.Generator().manual_seed(2)), optimizer)
+    moved = (torch.cat([v.detach().reshape(-1) for v in algorithm.policy_params().values()]) - before).norm()
+    assert norm > 0 and norm == pytest.approx(float(moved), rel=1e-5)
+    if isinstance(outer, PPO):
+        assert all(p.grad is None for p in algorithm.parameters())
+
+
+def test_surrogate_terms_by_hand() -> None:
+    """Two tasks, one with a padded step: the objective is the per-task masked mean of ratio * A, then the
+    mean over tasks; PPO's clipping takes min(r A, clip(r) A) per step."""
+    ratio = torch.tensor([[[1.5], [0.5]], [[1.0], [2.0]]])
+    advantages = torch.tensor([[[1.0], [-2.0]], [[3.0], [1.0]]])
+    mask = torch.tensor([[[1.0], [1.0]], [[1.0], [0.0]]])
+    terms = Surrogate(ratio, advantages, torch.tensor([[[0.1], [0.3]], [[0.2], [9.0]]]), mask)
+    assert terms.objective().item() == pytest.approx(((1.5 - 1.0) / 2 + 3.0) / 2)
+    # clip 0.2: task 0 min(1.5, 1.2) = 1.2 and min(-1.0, -1.6) = -1.6; task 1 min(3.0, 3.0) = 3.0.
+    assert terms.clipped(0.2).item() == pytest.approx(((1.2 - 1.6) / 2 + 3.0) / 2)
+    assert terms.mean_kl().item() == pytest.approx(((0.1 + 0.3) / 2 + 0.2) / 2)
 
 
 def test_evaluation_does_not_depend_on_batching() -> None:
@@ -133,9 +162,15 @@ def test_evaluation_steps_follow_their_own_sizes_and_episodes() -> None:
 
 def test_bad_settings_are_named() -> None:
     model = MLP(2, 2, hidden_sizes=[4])
-    for kwargs, message in (({"outer": "adam"}, "outer='adam'"), ({"inner_steps": -1}, "inner_steps=-1"),
-                            ({"max_kl": 0.0}, "max_kl=0.0"), ({"gamma": 1.5}, "gamma=1.5"),
+    for kwargs, message in (({"outer": "ppo"}, "outer='ppo': an object, not a name; in a config choose it with "
+                                                "algorithm/outer=ppo"),
+                            ({"inner_steps": -1}, "inner_steps=-1"), ({"gamma": 1.5}, "gamma=1.5"),
                             ({"eval_inner_lrs": []}, r"eval_inner_lrs=\[\]"),
                             ({"eval_episodes": 0}, "eval_episodes=0")):
         with pytest.raises(ValueError, match=message):
             MAMLRL(model, EnvTasks(Navigation2D()).objective, **kwargs)  # type: ignore[arg-type]
+    for make_step, message in ((lambda: TRPO(max_kl=0.0), "max_kl=0.0"),
+                               (lambda: TRPO(line_search_backtrack=1.0), "line_search_backtrack=1.0"),
+                               (lambda: PPO(epochs=0), "epochs=0"), (lambda: PPO(clip=-0.1), "clip=-0.1")):
+        with pytest.raises(ValueError, match=message):
+            make_step()

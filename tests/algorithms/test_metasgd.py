@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from metalearn.algorithms.functional import Params
+from metalearn.algorithms.functional import InnerAdam, InnerSGD, Params
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.metasgd import MetaSGD, lr_key
 from metalearn.data.sinusoid import SinusoidTasks
@@ -68,14 +68,14 @@ def grads_of(tensors: Mapping[str, Tensor]) -> Params:
 
 
 @VECTORIZE
-@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("inner_optimizer", [InnerSGD, InnerAdam])
 @pytest.mark.parametrize("inner_steps", [1, 2])
-def test_constant_rates_equal_maml(inner_steps: int, inner_optimizer: str, vectorize: bool) -> None:
+def test_constant_rates_equal_maml(inner_steps: int, inner_optimizer: type, vectorize: bool) -> None:
     """With every rate c, adapted params, meta-loss, evaluation and the model's second-order
     meta-gradients equal MAML(inner_lr=c)'s; the rates themselves receive a gradient."""
     model, c = tiny_tanh_mlp(), 0.05
     batch = sinusoid_batch(3, seed=21)
-    common = dict(inner_steps=inner_steps, inner_optimizer=inner_optimizer, vectorize=vectorize)
+    common = dict(inner_steps=inner_steps, inner_optimizer=inner_optimizer(), vectorize=vectorize)
     meta_sgd = MetaSGD(model, Regression(), init_lr_range=[c, c], **common)
     maml = MAML(model, Regression(), inner_lr=c, **common)
     assert all(torch.equal(r, torch.full_like(r, c)) for r in rates_of(meta_sgd).values())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from metalearn.algorithms.functional import InnerAdam, Params
+from metalearn.algorithms.functional import InnerAdam, InnerSGD, Params
 from metalearn.algorithms.reptile import EVAL_SEED, Reptile, minibatch_indices
 from metalearn.checkpoint import load_checkpoint
 from metalearn.data.sinusoid import SinusoidTasks
@@ -80,7 +80,8 @@ def test_pseudo_gradient_matches_closed_form_on_quadratic(n_tasks: int, vectoriz
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64))
     tasks = [least_squares_task(seed) for seed in range(n_tasks)]
-    algorithm = Reptile(model, Regression(), inner_lr=lr, inner_steps=k, inner_optimizer="sgd", vectorize=vectorize)
+    algorithm = Reptile(model, Regression(), inner_lr=lr, inner_steps=k, inner_optimizer=InnerSGD(),
+                        vectorize=vectorize)
 
     grads = pseudo_gradient(algorithm, stack_tasks(tasks))
 
@@ -122,14 +123,14 @@ def test_serial_pseudo_gradient_is_theta_minus_phi(inner_batch_size: int | None,
 
 
 @VECTORIZE
-@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
-def test_batched_pseudo_gradient_is_mean_of_serial(inner_optimizer: str, vectorize: bool) -> None:
+@pytest.mark.parametrize("inner_optimizer", [InnerSGD, InnerAdam])
+def test_batched_pseudo_gradient_is_mean_of_serial(inner_optimizer: type, vectorize: bool) -> None:
     """The meta-batch's `.grad` equals the mean of the one-task `.grad`s at the same meta-step
     (the tasks share that step's minibatches)."""
     model = tiny_tanh_mlp(seed=1)
     batch = sinusoid_batch(4, seed=4, shots=6)
     algorithm = Reptile(model, Regression(), inner_state="task",
-                        inner_lr=0.02, inner_steps=5, inner_optimizer=inner_optimizer,
+                        inner_lr=0.02, inner_steps=5, inner_optimizer=inner_optimizer(),
                         inner_batch_size=4, vectorize=vectorize)
 
     batched = pseudo_gradient(algorithm, batch, step=11)
@@ -166,7 +167,7 @@ def test_outer_sgd_step_moves_theta_towards_the_mean_adapted_weights() -> None:
     at eps = 1 the new initialisation is the mean of the adapted weights."""
     model = tiny_tanh_mlp(seed=2)
     batch = sinusoid_batch(3, seed=6, shots=6)
-    algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_optimizer="sgd")
+    algorithm = Reptile(model, Regression(), inner_lr=0.05, inner_steps=3, inner_optimizer=InnerSGD())
     theta = snapshot(model)
     phis = [algorithm.adapt(task) for task in batch]
     mean_phi = {n: torch.stack([phi[n].detach() for phi in phis]).mean(0) for n in theta}
@@ -209,8 +210,9 @@ def test_inner_adam_matches_torch_optim_adam(inner_batch_size: int | None, vecto
     model = tiny_tanh_mlp(seed=3)
     task = sinusoid_batch(1, seed=7, shots=6)[0]
     lr, steps, step = 0.05, 6, 5
-    algorithm = Reptile(model, Regression(), inner_state="task", inner_lr=lr, inner_steps=steps, inner_optimizer="adam",
-                        inner_betas=(0.0, 0.999), inner_batch_size=inner_batch_size, vectorize=vectorize)
+    algorithm = Reptile(model, Regression(), inner_state="task", inner_lr=lr, inner_steps=steps,
+                        inner_optimizer=InnerAdam(betas=(0.0, 0.999)), inner_batch_size=inner_batch_size,
+                        vectorize=vectorize)
     minibatches = (None if inner_batch_size is None
                    else minibatch_indices(6, inner_batch_size, steps, torch.Generator().manual_seed(step)))
     expected = reference_adam(model, task, lr, (0.0, 0.999), steps, minibatches)
@@ -342,7 +344,7 @@ def test_carried_state_refuses_vmap_and_compile() -> None:
     with pytest.raises(ValueError, match=r"^compile=true: inner_state=carried"):
         algorithm.use_compile(True, torch.device("cpu"))
     assert algorithm.use_compile("auto", torch.device("cpu")) is False
-    sgd = Reptile(nn.Linear(1, 1), Regression(), inner_optimizer="sgd", vectorize=True)  # SGD has no state
+    sgd = Reptile(nn.Linear(1, 1), Regression(), inner_optimizer=InnerSGD(), vectorize=True)  # SGD has no state
     assert sgd.carried is None and sgd.vectorize is True
 
 
@@ -482,7 +484,7 @@ def test_short_sinusoid_run_learns_to_adapt() -> None:
     """250 meta-steps (meta-batch 5, inner SGD lr 0.02 for 8 steps on minibatches of 5 of the 10
     support points, outer SGD lr 1 annealed linearly to 0) make adaptation pay: the post-adaptation
     query MSE on held-out tasks falls well below the pre-adaptation MSE and the untrained model's."""
-    algorithm = Reptile(make_mlp(seed=0), Regression(), inner_lr=0.02, inner_steps=8, inner_optimizer="sgd",
+    algorithm = Reptile(make_mlp(seed=0), Regression(), inner_lr=0.02, inner_steps=8, inner_optimizer=InnerSGD(),
                         inner_batch_size=5)
     optimizer = torch.optim.SGD(algorithm.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=250)
@@ -507,7 +509,7 @@ INVALID_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
     ("first_order=False", {"first_order": False}),
     ("second_order_steps=1", {"second_order_steps": 1}),
     ("inner_lr=-1", {"inner_lr": -1}),
-    ("inner_betas=[0.0, 1.0]", {"inner_betas": [0.0, 1.0]}),
+    ("inner_optimizer='adam'", {"inner_optimizer": "adam"}),
     ("inner_state='moments'", {"inner_state": "moments"}),
 ]
 
@@ -574,7 +576,8 @@ def test_eval_inner_batch_size_applies_in_eval_mode_only() -> None:
     the support set it meets, naming its own key."""
     torch.manual_seed(0)
     model = nn.Linear(1, 1).double()
-    algorithm = Reptile(model, Regression(), inner_lr=0.1, inner_steps=2, eval_inner_steps=3, inner_optimizer="sgd",
+    algorithm = Reptile(model, Regression(), inner_lr=0.1, inner_steps=2, eval_inner_steps=3,
+                        inner_optimizer=InnerSGD(),
                         inner_batch_size=4, eval_inner_batch_size=2)
     x = torch.arange(6, dtype=torch.float64).view(6, 1)
     seen: list[int] = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from metalearn.algorithms.siamese import Siamese
+from metalearn.algorithms.siamese import ContrastiveLoss, KochLoss, PairLoss, Siamese
 from metalearn.data.omniglot import Omniglot
 from metalearn.models.conv import Conv4
 from metalearn.models.mlp import MLP
@@ -56,11 +56,21 @@ def tanh_mlp(seed: int = 0) -> MLP:
         return MLP(3, 4, hidden_sizes=(5,), activation="tanh").double()
 
 
+def pair_loss(name: str, margin: float = 1.0) -> PairLoss:
+    """The pair loss a config's `algorithm/loss=<name>` builds."""
+    return KochLoss() if name == "koch" else ContrastiveLoss(margin=margin)
+
+
+def margin_of(algorithm: Siamese) -> float:
+    assert isinstance(algorithm.loss, ContrastiveLoss)
+    return algorithm.loss.margin
+
+
 def koch(model: nn.Module, inputs: int, alpha: list[float] | None = None, bias: float = 0.0,
          pairs: bool = True) -> Siamese:
     """A koch Siamese network on `inputs`-d vectors, set up (alpha sized by the model's output), with
     alpha and b set if given."""
-    algorithm = Siamese(model, Classification(), loss="koch", pairs=pairs)
+    algorithm = Siamese(model, Classification(), loss=KochLoss(), pairs=pairs)
     algorithm.setup(OneEpisode(inputs))
     algorithm.double()
     if alpha is not None:
@@ -79,7 +89,7 @@ def koch(model: nn.Module, inputs: int, alpha: list[float] | None = None, bias: 
 def test_contrastive_loss_by_hand() -> None:
     """margin 6, distances 5 (a 3-4-5 triangle), 5, 10 and 0: same-class 5^2/2 = 12.5; different-class
     inside the margin (6-5)^2/2 = 0.5, outside it 0, identical (6-0)^2/2 = 18, with a finite gradient."""
-    algorithm = Siamese(identity_layer(2), Classification(), loss="contrastive", margin=6.0)
+    algorithm = Siamese(identity_layer(2), Classification(), loss=ContrastiveLoss(margin=6.0))
     origin = torch.zeros(4, 2, dtype=torch.float64)
     batch = PairBatch(origin, torch.tensor([[3.0, 4.0], [3.0, 4.0], [6.0, 8.0], [0.0, 0.0]], dtype=torch.float64),
                       torch.tensor([1.0, 0.0, 0.0, 0.0]))
@@ -87,7 +97,7 @@ def test_contrastive_loss_by_hand() -> None:
     torch.testing.assert_close(similarity, -torch.tensor([5.0, 5.0, 10.0, 1e-6], dtype=torch.float64),
                                rtol=1e-12, atol=1e-12)
     # The identical pair's distance is sqrt(EPS) = 1e-6, so its loss is (6 - 1e-6)^2 / 2 = 18 - 6e-6.
-    torch.testing.assert_close(algorithm.pair_loss(similarity, batch.same.double()),
+    torch.testing.assert_close(algorithm.loss(similarity, batch.same.double()),
                                torch.tensor([12.5, 0.5, 0.0, 18.0], dtype=torch.float64), rtol=0, atol=1e-5)
 
     grads, result = meta_grads(algorithm, batch)
@@ -103,7 +113,7 @@ def test_contrastive_loss_by_hand() -> None:
 def test_contrastive_gradient_vanishes_for_identical_embeddings() -> None:
     """A different-class pair of one image: loss margin^2/2 and a zero (not NaN) gradient, where the
     derivative of an exact square root would be 0/0."""
-    algorithm = Siamese(identity_layer(2), Classification(), loss="contrastive", margin=2.0)
+    algorithm = Siamese(identity_layer(2), Classification(), loss=ContrastiveLoss(margin=2.0))
     x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
     grads, result = meta_grads(algorithm, PairBatch(x, x.clone(), torch.tensor([0.0])))
     assert result.meta_loss == pytest.approx(2.0, rel=1e-5)
@@ -120,7 +130,7 @@ def test_koch_probability_and_loss_by_hand() -> None:
     torch.testing.assert_close(logit, torch.full((2,), -1.75, dtype=torch.float64), rtol=1e-12, atol=0)
     p = 1 / (1 + math.exp(1.75))
     assert torch.sigmoid(logit[0]).item() == pytest.approx(p, rel=1e-12) and p == pytest.approx(0.148, abs=1e-3)
-    losses = algorithm.pair_loss(logit, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    losses = algorithm.loss(logit, torch.tensor([1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(losses, torch.tensor([-math.log(p), -math.log(1 - p)], dtype=torch.float64),
                                rtol=1e-12, atol=0)
     assert not algorithm.predicts_same(logit).any()
@@ -158,7 +168,7 @@ def test_nearest_support_classification_by_hand(loss: str) -> None:
     if loss == "koch":
         algorithm, expected = koch(nn.Identity(), 2, alpha=[-1.0, -1.0]), L1_SCORES
     else:
-        algorithm, expected = Siamese(nn.Identity(), Classification(), loss=loss), EUCLIDEAN_SCORES
+        algorithm, expected = Siamese(nn.Identity(), Classification(), loss=ContrastiveLoss()), EUCLIDEAN_SCORES
     _, after = algorithm.predict(HAND_TASK, QUERY_X)
     torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-10)
     scores = algorithm.evaluate(stack_tasks([HAND_TASK]))
@@ -169,7 +179,7 @@ def test_nearest_support_classification_by_hand(loss: str) -> None:
 
 
 def test_every_class_needs_a_support_example() -> None:
-    algorithm = Siamese(nn.Identity(), Classification(), loss="contrastive")
+    algorithm = Siamese(nn.Identity(), Classification(), loss=ContrastiveLoss())
     with pytest.raises(ValueError, match="every class 0..2 needs a support example"):
         algorithm.fit(SUPPORT_X.unsqueeze(0), SUPPORT_Y.unsqueeze(0), 3)
 
@@ -181,12 +191,12 @@ def test_every_class_needs_a_support_example() -> None:
 
 def reference_pair_loss(algorithm: Siamese, f1: Tensor, f2: Tensor, same: float) -> Tensor:
     """One pair's loss written out: Koch's -[y log p + (1-y) log(1-p)], or Hadsell's with an exact norm."""
-    if algorithm.loss == "koch":
+    if isinstance(algorithm.loss, KochLoss):
         assert algorithm.alpha is not None and algorithm.bias is not None
         p = torch.sigmoid((algorithm.alpha * (f1 - f2).abs()).sum() + algorithm.bias)
         return -(same * torch.log(p) + (1 - same) * torch.log(1 - p))
     d = torch.linalg.vector_norm(f1 - f2)
-    return same * d**2 / 2 + (1 - same) * torch.clamp(algorithm.margin - d, min=0) ** 2 / 2
+    return same * d**2 / 2 + (1 - same) * torch.clamp(margin_of(algorithm) - d, min=0) ** 2 / 2
 
 
 def make(loss: str, pairs: bool = True) -> Siamese:
@@ -198,7 +208,7 @@ def make(loss: str, pairs: bool = True) -> Siamese:
             algorithm.alpha.normal_()
             algorithm.bias.fill_(0.3)
         return algorithm
-    return Siamese(tanh_mlp(), Classification(), loss=loss, margin=1.5, pairs=pairs)
+    return Siamese(tanh_mlp(), Classification(), loss=pair_loss(loss, margin=1.5), pairs=pairs)
 
 
 def compare_grads(algorithm: Siamese, batch: TaskBatch | PairBatch, reference: Tensor) -> float:
@@ -276,7 +286,7 @@ def test_setup_sizes_alpha_without_touching_the_model() -> None:
         model = Conv4(1, None, 8, hidden=4, blocks=2, norm="batch_running")
     labels = torch.tensor([[0, 1]])
     episodes = OneEpisode(batch=TaskBatch(torch.rand(1, 2, 1, 8, 8), labels, torch.rand(1, 2, 1, 8, 8), labels))
-    algorithm = Siamese(model, Classification(), loss="koch")
+    algorithm = Siamese(model, Classification(), loss=KochLoss())
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     algorithm.setup(episodes)
     assert algorithm.alpha is not None and algorithm.bias is not None
@@ -284,13 +294,13 @@ def test_setup_sizes_alpha_without_touching_the_model() -> None:
     assert algorithm.bias.item() == 0.0
     assert model.training and all(torch.equal(buffers[name], b) for name, b in model.named_buffers())
     assert [name for name, _ in algorithm.named_parameters() if not name.startswith("model.")] == ["alpha", "bias"]
-    contrastive = Siamese(model, Classification(), loss="contrastive")
+    contrastive = Siamese(model, Classification(), loss=ContrastiveLoss())
     contrastive.setup(episodes)
     assert all(name.startswith("model.") for name, _ in contrastive.named_parameters())
 
 
 def test_koch_without_setup_is_a_clear_error() -> None:
-    algorithm = Siamese(identity_layer(2), Classification(), loss="koch")
+    algorithm = Siamese(identity_layer(2), Classification(), loss=KochLoss())
     with pytest.raises(RuntimeError, match=r"no alpha yet: call setup\(tasks\) first"):
         algorithm.meta_train_step(PairBatch(torch.zeros(2, 2, dtype=torch.float64),
                                             torch.ones(2, 2, dtype=torch.float64), torch.tensor([1.0, 0.0])))
@@ -307,10 +317,11 @@ def test_evaluate_leaves_no_gradients() -> None:
 
 
 def test_bad_options_are_named() -> None:
-    with pytest.raises(ValueError, match="loss='triplet': must be one of koch, contrastive"):
-        Siamese(nn.Identity(), Classification(), loss="triplet")
+    with pytest.raises(ValueError, match="loss='contrastive': an object, not a name; in a config choose it with "
+                                         "algorithm/loss=contrastive"):
+        Siamese(nn.Identity(), Classification(), loss="contrastive")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="margin=0.0: must be a finite number > 0"):
-        Siamese(nn.Identity(), Classification(), loss="contrastive", margin=0.0)
+        ContrastiveLoss(margin=0.0)
     with pytest.raises(ValueError, match="Siamese needs a classification dataset.*Regression"):
         Siamese(nn.Identity(), Regression())
 
@@ -329,8 +340,8 @@ def test_learns_omniglot_5way_1shot(loss: str, margin: float, floor: float, gain
     episodes = Omniglot(str(omniglot_root), n_way=5, k_shot=1, k_query=5, cache_dir=str(cache_dir))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        algorithm = Siamese(Conv4(1, None, 28, hidden=16, norm="batch_running"), Classification(), loss=loss,
-                            margin=margin)
+        algorithm = Siamese(Conv4(1, None, 28, hidden=16, norm="batch_running"), Classification(),
+                            loss=pair_loss(loss, margin))
     algorithm.setup(episodes)
     untrained, scores, result = learning_run(algorithm, episodes, lambda g: episodes.sample_pairs(64, "train", g),
                                              steps=200, lr=2e-3)
