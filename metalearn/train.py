@@ -20,8 +20,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metalearn import __version__
 from metalearn.checkpoint import CheckpointError
 from metalearn.compose import CONFIG_DIR, ConfigError
+from metalearn.help import hydra_template
 from metalearn.messages import did_you_mean, failed_jobs, one_line
 from metalearn.run import train, write_hydra_files
 from metalearn.rundir import HeldLog, RunDirError, discard_if_empty
@@ -36,6 +38,7 @@ class JobFailed(RuntimeError):
 
 
 EXPECTED = (ConfigError, CheckpointError, RunDirError, NonFiniteLossError)  # bad input: one line, no traceback
+OmegaConf.register_new_resolver("metalearn.help", hydra_template, replace=True)  # hydra.help.template
 
 
 def _job_failed(cfg: DictConfig, ex: BaseException, held_log: HeldLog) -> JobFailed:
@@ -87,6 +90,9 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console entry point. Configuration errors become one line on stderr and exit status 2."""
+    if sys.argv[1:] in (["--version"], ["-V"]):  # metalearn's version, not Hydra's (Hydra's own flag)
+        print(f"metalearn {__version__}")
+        return
     keep_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's printer
     try:

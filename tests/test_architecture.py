@@ -15,7 +15,7 @@ LAYERS = {
     4: ("algorithms",),
     5: ("metrics", "rundir", "trainer"),
     6: ("compose", "resolvers", "run"),
-    7: ("cli", "messages", "train", "evaluate", "report", "reproduction"),
+    7: ("cli", "messages", "help", "train", "evaluate", "report", "reproduction"),
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
 ALLOWED: set[tuple[str, str]] = set()
