@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from metalearn import __version__
-from metalearn.help import description, groups, help_text
+from metalearn.help import config_reference, description, groups, help_text
 from tests.conftest import CONF_DIR
 
 METALEARN = str(Path(sys.executable).with_name("metalearn"))
@@ -48,3 +48,14 @@ def test_description_is_the_first_sentence(tmp_path: Path) -> None:
     option.write_text("_target_: a.B\n")
     assert description(option) == "."
     assert "  reptile " in help_text(width=100) and all(len(line) <= 100 for line in help_text(width=100).splitlines())
+
+
+def test_config_reference_is_up_to_date_and_explains_every_key() -> None:
+    """docs/config.md is what `python -m metalearn.help config` writes from conf/ and the docstrings, and
+    every setting in it has a meaning."""
+    written = (CONF_DIR.parent / "docs" / "config.md").read_text()
+    assert written == config_reference(), "regenerate: python -m metalearn.help config > docs/config.md"
+    for key in ("`checkpoint_every`", "`eval_batch_size`", "`flush_secs`", "`inner_lr`", "`betas`", "`max_kl`"):
+        assert key in written
+    undocumented = [line for line in written.splitlines() if line.endswith("| — |")]
+    assert undocumented == []

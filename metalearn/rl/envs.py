@@ -62,7 +62,16 @@ class Navigation2D:
     With `normalized_actions` the policy acts in [-1, 1] units, as in the paper's code (rllab's
     `normalize` wrapper): the velocity is `max_action` times the action clipped to [-1, 1]. The units
     matter to policy-gradient learners: a Gaussian policy's initial standard deviation and the inner
-    step size of MAML were tuned for them."""
+    step size of MAML were tuned for them.
+
+    Args:
+        goal_low, goal_high: the range of each goal coordinate.
+        max_action: the largest velocity per coordinate and step.
+        success_radius: an episode ends this close to the goal.
+        horizon: the most steps an episode lasts.
+        observe_goal: observe the goal as well as the position (the oracle baseline's observation).
+        normalized_actions: actions in [-1, 1] units scaled to `max_action` (the paper's code).
+    """
 
     discrete = False
     observation_size = action_size = param_size = 2
@@ -111,7 +120,11 @@ class Bandit:
     """Multi-armed Bernoulli bandits (Duan et al., 2016, section 4.1): arm i pays 1 with probability p_i,
     each p_i drawn uniformly from [0, 1]. An episode is one pull (horizon 1); the observation is a
     constant. A learner that adapts plays many episodes of the same task (RL²'s trial) and should
-    find the best arm while paying as little as possible for exploring."""
+    find the best arm while paying as little as possible for exploring.
+
+    Args:
+        arms: the number of arms (the action is the arm pulled).
+    """
 
     discrete = True
     observation_size = 1

@@ -119,7 +119,13 @@ class HalfCheetahVel(_HalfCheetah):
     """HalfCheetah goal velocity (Finn et al., 2017, section 5.3): the cheetah must run forward at a
     target velocity drawn uniformly from [velocity_low, velocity_high] (the task's one parameter).
     The reward of a step is -|v - target| - ctrl_cost * sum(action²), v being the torso's forward
-    velocity; actions are clipped to [-1, 1]. An episode never terminates: it lasts `horizon` steps."""
+    velocity; actions are clipped to [-1, 1]. An episode never terminates: it lasts `horizon` steps.
+
+    Args:
+        horizon: the steps of an episode.
+        velocity_low, velocity_high: the range of the target velocity.
+        ctrl_cost: the weight of the control cost sum(action²) in the reward.
+    """
 
     def __init__(self, horizon: int = 200, velocity_low: float = 0.0, velocity_high: float = 2.0,
                  ctrl_cost: float = 0.05) -> None:
@@ -139,7 +145,12 @@ class HalfCheetahDir(_HalfCheetah):
     """HalfCheetah goal direction (Finn et al., 2017, section 5.3): the cheetah must run forward
     (direction +1) or backward (-1), each with probability 1/2 (the task's one parameter). The reward
     of a step is direction * v - ctrl_cost * sum(action²), v being the torso's forward velocity;
-    actions are clipped to [-1, 1]. An episode never terminates: it lasts `horizon` steps."""
+    actions are clipped to [-1, 1]. An episode never terminates: it lasts `horizon` steps.
+
+    Args:
+        horizon: the steps of an episode.
+        ctrl_cost: the weight of the control cost sum(action²) in the reward.
+    """
 
     def __init__(self, horizon: int = 200, ctrl_cost: float = 0.05) -> None:
         super().__init__(horizon, ctrl_cost)

@@ -48,6 +48,13 @@ class EnvTasks:
 
     The splits draw from the same distribution (as in the papers); the trainer's fixed validation
     and test sets come from their own seeds, so they never coincide with training tasks' draws.
+
+    Args:
+        env: the environment family (`metalearn.rl.envs.BatchEnv`).
+        observation_size: what the policy sees, as the config declares it for the model to follow; must
+            be the environment's (None: not checked).
+        action_size: the size of an action (continuous) or the number of actions (discrete), likewise.
+        discrete: whether actions are discrete, likewise.
     """
 
     # The undiscounted episode return, higher is better; the losses are the algorithms' (−return surrogates).
