@@ -54,9 +54,7 @@ def description(path: Path) -> str:
         if not line.startswith("#"):
             break
         lines.append(line.lstrip("#").strip())
-    text = " ".join(lines)
-    # A sentence ends at a full stop before a capital, not at "et al." or "e.g.".
-    return re.split(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".") + "."
+    return _first_sentence(" ".join(lines))
 
 
 def groups(root: Path) -> dict[str, list[Path]]:
@@ -135,6 +133,7 @@ def _args_section(doc: str) -> list[tuple[list[str], str]]:
 
 
 def _first_sentence(text: str) -> str:
+    # A sentence ends at a full stop before a capital, not at "et al." or "e.g.".
     return re.split(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z])", text.strip(), maxsplit=1)[0].rstrip(".") + "."
 
 

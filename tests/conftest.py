@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,3 +110,17 @@ def compose_cfg(tmp_path: Path, cache_dir: Path, fake_data: dict[str, dict[str, 
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword arguments `cls(...)` takes, with their defaults, following `**kwargs` to the base
+    classes' constructors (a subclass's own parameter wins over its base's)."""
+    found: dict[str, inspect.Parameter] = {}
+    for base in cls.__mro__:
+        parameters = inspect.signature(base.__init__).parameters  # type: ignore[misc]
+        for name, parameter in parameters.items():
+            if parameter.kind is not inspect.Parameter.VAR_KEYWORD:
+                found.setdefault(name, parameter)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break
+    return found

@@ -4,7 +4,6 @@ with the objects they were trained with."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from metalearn.algorithms.functional import InnerAdam, InnerSGD
 from metalearn.algorithms.siamese import ContrastiveLoss, KochLoss
 from metalearn.checkpoint import config_changes, upgrade_config
 from metalearn.rl.outer import PPO, TRPO, VPG
+from tests.conftest import constructor_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVED = sorted((ROOT / "docs" / "results").rglob("config.yaml"))
@@ -61,21 +61,10 @@ def test_upgraded_strategies_build_with_their_settings() -> None:
     assert isinstance(instantiate({"_target_": "metalearn.rl.outer.VPG"}), VPG)
 
 
-def _arguments(cls: type) -> set[str]:
-    """The keyword arguments `cls(...)` takes, following `**kwargs` to the base classes' constructors."""
-    names: set[str] = set()
-    for base in cls.__mro__:
-        parameters = inspect.signature(base.__init__).parameters  # type: ignore[misc]
-        names |= {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            break
-    return names
-
-
 @pytest.mark.parametrize("path", ARCHIVED, ids=[str(p.relative_to(ROOT / "docs" / "results")) for p in ARCHIVED])
 def test_every_archived_run_rebuilds_in_todays_shape(path: Path) -> None:
     """Every archived run's algorithm settings, upgraded, are arguments its learner's constructor takes."""
     algorithm = upgrade_config(yaml.safe_load(path.read_text()))["algorithm"]
-    accepted = _arguments(get_class(algorithm["_target_"]))
+    accepted = constructor_parameters(get_class(algorithm["_target_"]))
     unknown = sorted(set(algorithm) - {"_target_", "_partial_"} - set(accepted))
     assert unknown == [], f"{path}: {unknown}"

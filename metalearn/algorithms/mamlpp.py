@@ -74,29 +74,35 @@ class MAMLPlusPlus(MAML):
         model: the base model whose initialisation is meta-learned (`norm=batch_per_step` for the
             paper's per-step BatchNorm weights).
         objective: the task family's loss and metric.
+        inner_lr: with `learn_inner_lr`, the initial value of every learned rate (the paper's 0.1).
+        inner_steps: inner steps during meta-training (the paper's 5), also the number of learned rates
+            per tensor.
+        eval_inner_steps: inner steps at evaluation (the paper's 5); steps beyond `inner_steps` reuse
+            the last learned rate, the only one that exists for them.
         multi_step_loss_steps: meta-steps trained on the annealed multi-step loss (the paper: 10 epochs
             of 500 meta-steps); 0 switches MSL off. Evaluation always scores the final step.
         first_order_steps: meta-steps with first-order meta-gradients before second order; 0: second
             order from the start.
         learn_inner_lr: learn one inner learning rate per parameter tensor and inner step (LSLR);
             false: the fixed `inner_lr`.
-        **maml_args: MAML's arguments. Here `inner_lr` is, with `learn_inner_lr`, the initial value of
-            every learned rate; `inner_steps` (N) is also the number of learned rates per tensor, and
-            evaluation steps beyond them (`eval_inner_steps`) reuse the last one, the only one that
-            exists for them; `first_order` gives first-order meta-gradients throughout, whatever
-            `first_order_steps` says.
+        **maml_args: MAML's other arguments; `first_order` gives first-order meta-gradients throughout,
+            whatever `first_order_steps` says.
     """
 
     def __init__(
         self,
         model: nn.Module,
         objective: Objective,
+        inner_lr: float = 0.1,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = 5,
         multi_step_loss_steps: int = 5000,
         first_order_steps: int = 0,
         learn_inner_lr: bool = True,
         **maml_args: Any,
     ) -> None:
-        super().__init__(model, objective, **maml_args)
+        super().__init__(model, objective, inner_lr=inner_lr, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, **maml_args)
         self.multi_step_loss_steps = non_negative_int("multi_step_loss_steps", multi_step_loss_steps)
         self.first_order_steps = non_negative_int("first_order_steps", first_order_steps)
         if not isinstance(learn_inner_lr, bool):
